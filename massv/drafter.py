@@ -1,0 +1,340 @@
+"""The multimodal drafter: the target's frozen vision encoder + a small trainable projector + a small LM.
+
+The projected image features replace the LM's input embeddings at the image placeholder positions, so a
+text-only LM of the target's family can "see" the same image the target sees and predict what it will say.
+
+On disk (LLaVA-style, each part loadable on its own):
+    massv_drafter.json         MultimodalDrafterConfig
+    projector.safetensors      the trained projector
+    language_model/            the drafter LM, a plain Hugging Face checkpoint (safetensors)
+    vision_encoder.safetensors optional: the target's vision modules, when saved with them
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from massv.families import VISION_FEATURE_CHOICES, FamilyAdapter, get_adapter
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "massv_drafter.json"
+PROJECTOR_WEIGHTS = "projector.safetensors"
+VISION_WEIGHTS = "vision_encoder.safetensors"
+LANGUAGE_MODEL_DIR = "language_model"
+
+
+@dataclass
+class MultimodalDrafterConfig:
+    """Everything needed to rebuild a drafter around a (re)loaded language model and vision encoder."""
+
+    family: str
+    target_config: dict[str, Any]  # the target VLM's config: names the family and rebuilds its vision modules
+    vision_feature: str = "projected"
+    vision_feature_dim: int = 0
+    lm_hidden_size: int = 0
+    projector_hidden_dim: int | None = None
+    projector_layers: int = 2
+    projector_activation: str = "gelu"
+    image_token_id: int = 0
+    draftable_vocab_size: int = 0  # ids >= this are padding or out-of-vocabulary: never drafted
+    target_name_or_path: str | None = None
+    includes_vision_encoder: bool = False
+    massv_version: str = field(default="0.1.0")
+
+    def __post_init__(self) -> None:
+        if self.vision_feature not in VISION_FEATURE_CHOICES:
+            raise ValueError(f"vision_feature must be one of {VISION_FEATURE_CHOICES}, got {self.vision_feature!r}")
+        if self.projector_layers < 1:
+            raise ValueError(f"projector_layers must be >= 1, got {self.projector_layers}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> MultimodalDrafterConfig:
+        data = json.loads(text)
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown keys {unknown} in {CONFIG_NAME}; valid keys: {sorted(known)}")
+        return cls(**data)
+
+    def build_target_config(self) -> PretrainedConfig:
+        """The target's config object, for picking the family adapter without loading the target."""
+        data = dict(self.target_config)
+        return AutoConfig.for_model(data.pop("model_type"), **data)
+
+
+class VisionProjector(nn.Module):
+    """Vision features -> drafter embedding space: an MLP (LLaVA-1.5's 2-layer GELU MLP by default)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int | None = None, num_layers: int = 2,
+                 activation: str = "gelu") -> None:
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        hidden_dim = hidden_dim or out_dim
+        widths = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        layers: list[nn.Module] = []
+        for index in range(num_layers):
+            layers.append(nn.Linear(widths[index], widths[index + 1]))
+            if index < num_layers - 1:
+                layers.append(ACT2FN[activation])
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        """`image_features: (num_image_tokens, in_dim)` -> `(num_image_tokens, out_dim)`."""
+        return self.layers(image_features)
+
+
+class MultimodalDrafter(nn.Module):
+    """Frozen target vision encoder + trainable projector + small causal LM, behaving like an HF causal LM."""
+
+    def __init__(self, config: MultimodalDrafterConfig, language_model: PreTrainedModel,
+                 vision_modules: dict[str, nn.Module] | None = None, share_vision: bool = True) -> None:
+        """`share_vision=True` keeps the vision modules by reference only (not a submodule, never saved or
+        copied), which is how a drafter sits next to a loaded target without a second vision encoder."""
+        super().__init__()
+        self.config = config
+        self.adapter: FamilyAdapter = get_adapter(config.build_target_config())
+        self.language_model = language_model
+        self.projector = VisionProjector(
+            config.vision_feature_dim, config.lm_hidden_size, config.projector_hidden_dim,
+            config.projector_layers, config.projector_activation,
+        )
+        self._shared_vision: dict[str, nn.Module] | None = None
+        self.vision_encoder: nn.ModuleDict | None = None
+        if vision_modules is not None:
+            self.attach_vision(vision_modules, share=share_vision)
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_target(cls, target: PreTrainedModel, language_model: PreTrainedModel, tokenizer_size: int,
+                    vision_feature: str = "projected", projector_hidden_dim: int | None = None,
+                    projector_layers: int = 2, projector_activation: str = "gelu") -> MultimodalDrafter:
+        """A fresh drafter around a loaded target's vision encoder (shared) and a drafter LM."""
+        from massv.vocab import draftable_vocab_size
+
+        adapter = get_adapter(target.config)
+        config = MultimodalDrafterConfig(
+            family=adapter.model_type,
+            target_config=target.config.to_dict(),
+            vision_feature=vision_feature,
+            vision_feature_dim=adapter.feature_dim(vision_feature),
+            lm_hidden_size=language_model.config.hidden_size,
+            projector_hidden_dim=projector_hidden_dim,
+            projector_layers=projector_layers,
+            projector_activation=projector_activation,
+            image_token_id=adapter.image_token_id,
+            draftable_vocab_size=draftable_vocab_size(
+                tokenizer_size, language_model.config.vocab_size, adapter.target_vocab_size
+            ),
+            target_name_or_path=getattr(target, "name_or_path", None) or None,
+        )
+        drafter = cls(config, language_model, adapter.vision_modules(target), share_vision=True)
+        drafter.projector.to(device=language_model.device, dtype=language_model.dtype)
+        return drafter
+
+    def attach_vision(self, vision_modules: dict[str, nn.Module], share: bool = True) -> None:
+        """Use these vision modules (frozen). Shared ones are held by reference and left out of `state_dict`."""
+        for module in vision_modules.values():
+            module.requires_grad_(False)
+            module.eval()
+        if share:
+            self._shared_vision = dict(vision_modules)
+            self.vision_encoder = None
+        else:
+            self._shared_vision = None
+            self.vision_encoder = nn.ModuleDict(vision_modules)
+
+    @property
+    def vision_modules(self) -> dict[str, nn.Module]:
+        """The frozen vision modules in use, wherever they live."""
+        if self.vision_encoder is not None:
+            return dict(self.vision_encoder.items())
+        if self._shared_vision is not None:
+            return self._shared_vision
+        raise RuntimeError(
+            "this drafter has no vision encoder: it was saved without one. Load it with "
+            "MultimodalDrafter.from_pretrained(path, target=<loaded target VLM>) or pass image_features."
+        )
+
+    # ---- freezing -----------------------------------------------------------------------------------
+    def set_trainable(self, phase: str) -> None:
+        """Phase 1 trains the projector only; phase 2 trains projector + LM. The vision encoder never trains."""
+        if phase not in ("phase1", "phase2"):
+            raise ValueError(f"phase must be 'phase1' or 'phase2', got {phase!r}")
+        self.language_model.requires_grad_(phase == "phase2")
+        self.projector.requires_grad_(True)
+        for module in self._all_vision_modules():
+            module.requires_grad_(False)
+            module.eval()
+
+    def _all_vision_modules(self) -> list[nn.Module]:
+        if self.vision_encoder is not None:
+            return list(self.vision_encoder.values())
+        return list((self._shared_vision or {}).values())
+
+    def train(self, mode: bool = True) -> MultimodalDrafter:
+        """Like `nn.Module.train`, but the frozen vision encoder stays in eval mode (no dropout drift)."""
+        super().train(mode)
+        for module in self._all_vision_modules():
+            module.eval()
+        return self
+
+    # ---- forward ------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.dtype
+
+    @torch.no_grad()
+    def encode_images(self, image_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The frozen encoder's features `(num_image_tokens, vision_feature_dim)`, before the projector."""
+        return self.adapter.encode_images(self.vision_modules, image_inputs, self.config.vision_feature)
+
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """LM input embeddings with projected image features spliced in at the placeholder positions."""
+        safe_ids = self.adapter.drafter_safe_input_ids(input_ids, self.language_model.config.vocab_size)
+        inputs_embeds = self.language_model.get_input_embeddings()(safe_ids)
+        image_mask = input_ids == self.config.image_token_id
+        num_placeholders = int(image_mask.sum())
+        if image_features is None:
+            if num_placeholders:
+                raise ValueError(f"input_ids hold {num_placeholders} image placeholders but no image was given")
+            return inputs_embeds
+        if image_features.shape[0] != num_placeholders:
+            raise ValueError(
+                f"{image_features.shape[0]} image features for {num_placeholders} image placeholder tokens; the "
+                "prompt and the images do not match (was the prompt built by the target's processor?)"
+            )
+        projected = self.projector(image_features.to(device=inputs_embeds.device, dtype=self.projector_dtype))
+        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), projected.to(inputs_embeds.dtype))
+
+    @property
+    def projector_dtype(self) -> torch.dtype:
+        return next(self.projector.parameters()).dtype
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                image_inputs: dict[str, torch.Tensor] | None = None, image_features: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, past_key_values: Any = None,
+                position_ids: torch.Tensor | None = None, use_cache: bool | None = None,
+                logits_to_keep: int = 0) -> CausalLMOutputWithPast:
+        """Like an HF causal LM's forward, plus the image (raw `image_inputs` or precomputed features).
+
+        Logits of ids the drafter must never propose (padding rows) are -inf, and the loss (over tokens
+        whose label is not -100) is computed on those masked logits.
+        """
+        if image_features is None and image_inputs is not None and bool((input_ids == self.config.image_token_id).any()):
+            image_features = self.encode_images(image_inputs)
+        inputs_embeds = self.embed(input_ids, image_features)
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=past_key_values,
+            position_ids=position_ids, use_cache=use_cache, logits_to_keep=logits_to_keep,
+        )
+        logits = outputs.logits
+        if self.config.draftable_vocab_size < logits.shape[-1]:
+            logits = logits.clone()
+            logits[..., self.config.draftable_vocab_size:] = float("-inf")
+        loss = None
+        if labels is not None:
+            shift_logits = logits[:, :-1].float()
+            shift_labels = labels[:, 1:].to(shift_logits.device)
+            loss = nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+    # ---- persistence --------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, include_vision_encoder: bool | None = None) -> None:
+        """Write config, projector, LM (and optionally the vision encoder) as safetensors, atomically.
+
+        The files are written into a temporary sibling directory that is renamed into place, so an
+        interrupted save never leaves a half-written drafter behind.
+        """
+        target_dir = Path(save_directory)
+        include_vision = self.vision_encoder is not None if include_vision_encoder is None else include_vision_encoder
+        target_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target_dir.name}.", dir=target_dir.parent))
+        config = MultimodalDrafterConfig(**{**asdict(self.config), "includes_vision_encoder": include_vision})
+        (staging / CONFIG_NAME).write_text(config.to_json())
+        save_file(_contiguous(self.projector.state_dict()), str(staging / PROJECTOR_WEIGHTS))
+        self.language_model.save_pretrained(staging / LANGUAGE_MODEL_DIR, safe_serialization=True)
+        if include_vision:
+            vision_state = {
+                f"{name}.{key}": value for name, module in self.vision_modules.items()
+                for key, value in module.state_dict().items()
+            }
+            save_file(_contiguous(vision_state), str(staging / VISION_WEIGHTS))
+        _replace_directory(staging, target_dir)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, target: PreTrainedModel | None = None,
+                        torch_dtype: torch.dtype | None = None, **lm_kwargs: Any) -> MultimodalDrafter:
+        """Load a saved drafter. With `target`, its vision modules are re-attached by reference (no second
+        copy); otherwise the saved vision encoder is loaded, and it is an error if none was saved."""
+        path = Path(path)
+        config_file = path / CONFIG_NAME
+        if not config_file.is_file():
+            raise FileNotFoundError(
+                f"{config_file} not found: {path} is not a MASSV drafter directory (expected {CONFIG_NAME}, "
+                f"{PROJECTOR_WEIGHTS} and {LANGUAGE_MODEL_DIR}/ written by MultimodalDrafter.save_pretrained)"
+            )
+        config = MultimodalDrafterConfig.from_json(config_file.read_text())
+        if torch_dtype is not None:
+            lm_kwargs["dtype"] = torch_dtype
+        language_model = AutoModelForCausalLM.from_pretrained(path / LANGUAGE_MODEL_DIR, **lm_kwargs)
+        drafter = cls(config, language_model)
+        drafter.projector.load_state_dict(load_file(str(path / PROJECTOR_WEIGHTS)))
+        drafter.projector.to(device=language_model.device, dtype=language_model.dtype)
+        if target is not None:
+            if target.config.model_type != config.family:
+                raise ValueError(f"drafter was trained for a {config.family!r} target, got {target.config.model_type!r}")
+            drafter.attach_vision(drafter.adapter.vision_modules(target), share=True)
+        elif config.includes_vision_encoder:
+            modules = drafter.adapter.build_vision_modules()
+            vision_state = load_file(str(path / VISION_WEIGHTS))
+            for name, module in modules.items():
+                prefix = f"{name}."
+                module.load_state_dict({k[len(prefix):]: v for k, v in vision_state.items() if k.startswith(prefix)})
+                module.to(device=language_model.device, dtype=torch_dtype or language_model.dtype)
+            drafter.attach_vision(modules, share=False)
+        else:
+            logger.info("drafter %s has no saved vision encoder; attach one with attach_vision() or pass target=", path)
+        drafter.eval()
+        return drafter
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value.detach().contiguous().cpu() for key, value in state.items()}
+
+
+def _replace_directory(staging: Path, target_dir: Path) -> None:
+    """Swap a fully written directory into place; the old one is removed only after the new one exists."""
+    import shutil
+
+    backup = None
+    if target_dir.exists():
+        backup = target_dir.with_name(f".{target_dir.name}.old")
+        if backup.exists():
+            shutil.rmtree(backup)
+        os.replace(target_dir, backup)
+    os.replace(staging, target_dir)
+    if backup is not None:
+        shutil.rmtree(backup)
