@@ -1,17 +1,32 @@
-"""MASSV: multimodal drafters for lossless speculative decoding of vision-language models."""
+"""MASSV: multimodal drafters for lossless speculative decoding of vision-language models.
 
-from massv.drafter import MultimodalDrafter, MultimodalDrafterConfig
-from massv.families import SUPPORTED_FAMILIES, UnsupportedFamilyError, get_adapter
-from massv.vocab import TokenizerMismatchError, check_tokenizer_compatibility
+Public names are imported lazily, so `import massv.world` or `massv --help` does not pay for torch and
+transformers until a model is actually needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "MultimodalDrafter",
-    "MultimodalDrafterConfig",
-    "SUPPORTED_FAMILIES",
-    "TokenizerMismatchError",
-    "UnsupportedFamilyError",
-    "check_tokenizer_compatibility",
-    "get_adapter",
-]
+_EXPORTS = {
+    "MultimodalDrafter": "massv.drafter",
+    "MultimodalDrafterConfig": "massv.drafter",
+    "SpeculativeGenerator": "massv.speculative",
+    "SUPPORTED_FAMILIES": "massv.families",
+    "UnsupportedFamilyError": "massv.families",
+    "get_adapter": "massv.families",
+    "TokenizerMismatchError": "massv.vocab",
+    "check_tokenizer_compatibility": "massv.vocab",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'massv' has no attribute {name!r}")
+    return getattr(importlib.import_module(module_name), name)

@@ -34,14 +34,14 @@ def check_tokenizer_compatibility(
     Gemma3's image soft token past the text models' vocabulary).
     """
     target_name, drafter_name = _name(target_tokenizer), _name(drafter_tokenizer)
+    target_ids, drafter_ids = target_tokenizer.get_vocab(), drafter_tokenizer.get_vocab()
+    shared_size = min(len(target_tokenizer), len(drafter_tokenizer))
     for token in _special_tokens(target_tokenizer) + _special_tokens(drafter_tokenizer):
-        target_id = target_tokenizer.convert_tokens_to_ids(token)
-        drafter_id = drafter_tokenizer.convert_tokens_to_ids(token)
-        unk_ids = {target_tokenizer.unk_token_id, drafter_tokenizer.unk_token_id} - {None}
-        if target_id in unk_ids or drafter_id in unk_ids or target_id is None or drafter_id is None:
-            # Present on one side only: allowed when it lies past the other's vocabulary (image soft token).
-            present_id = drafter_id if target_id in unk_ids or target_id is None else target_id
-            if present_id is not None and present_id < min(len(target_tokenizer), len(drafter_tokenizer)):
+        target_id, drafter_id = target_ids.get(token), drafter_ids.get(token)
+        if target_id is None or drafter_id is None:
+            # On one side only: allowed past the other's vocabulary (Gemma3's image soft token).
+            present_id = drafter_id if target_id is None else target_id
+            if present_id < shared_size:
                 raise TokenizerMismatchError(
                     f"tokenizer mismatch between target {target_name!r} and drafter {drafter_name!r}: special "
                     f"token {token!r} exists in only one of them. MASSV needs a drafter of the target's family."
@@ -53,8 +53,8 @@ def check_tokenizer_compatibility(
                 f"{token!r} has id {target_id} in the target and {drafter_id} in the drafter. MASSV needs a "
                 "drafter of the target's family (e.g. Qwen2.5-0.5B-Instruct for Qwen2.5-VL-7B-Instruct)."
             )
-    target_vocab = {index: token for token, index in target_tokenizer.get_vocab().items()}
-    drafter_vocab = {index: token for token, index in drafter_tokenizer.get_vocab().items()}
+    target_vocab = {index: token for token, index in target_ids.items()}
+    drafter_vocab = {index: token for token, index in drafter_ids.items()}
     for index in sorted(set(target_vocab) & set(drafter_vocab)):
         if target_vocab[index] != drafter_vocab[index]:
             raise TokenizerMismatchError(
