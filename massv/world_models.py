@@ -1,0 +1,823 @@
+"""A target VLM and a text-only drafter LM trained from scratch on the synthetic world, shipped and cached.
+
+No pretrained VLM can be downloaded where this project is proven, so the demo of speculative decoding needs
+models that it trains itself. They use the real architectures and the real processor path:
+
+* a byte-level BPE tokenizer with Qwen2's special tokens and chat template, trained on world text;
+* a TARGET `Qwen2_5_VLForConditionalGeneration` (window-attention ViT + patch merger + mrope LM), trained
+  end to end on the world's `train` split (LLaVA format, loss on answer tokens only) until it answers
+  held-out questions about colours, counts and positions correctly: the answers live in the pixels only;
+* a TEXT-ONLY `Qwen2ForCausalLM` with the same tokenizer, pretrained on the world's conversations without
+  images: it knows how answers are phrased but not what the picture shows. It is the paper's text-only
+  drafter baseline and the language model inside the MASSV drafter.
+
+The drafter LM is kept much cheaper per token than the target (one layer against eight), because the speedup
+of speculative decoding is bounded by that cost ratio; `measure_cost_ratio` reports it.
+
+`load_world_models()` returns the weights shipped in `massv/assets/world/` when their recipe hash matches the
+requested `WorldRecipe`; otherwise it trains (a recipe hash names the cache `~/.cache/massv/world/<hash>/`)
+and reuses that cache next time. Saves are atomic: a half-written directory never looks complete.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import (
+    AutoProcessor,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    ProcessorMixin,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2ForCausalLM,
+)
+
+from massv import world
+from massv.families import get_adapter
+from massv.tiny import build_qwen_processor, build_qwen_tokenizer, qwen_drafter_config, qwen_target_config
+
+logger = logging.getLogger(__name__)
+
+# Bump when the training code changes what a recipe produces; it is part of every recipe hash.
+FORMAT_VERSION = 1
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets" / "world"
+RECIPE_FILE = "recipe.json"
+METRICS_FILE = "metrics.json"
+TARGET_DIR = "target"
+TEXT_LM_DIR = "text_lm"
+PROCESSOR_DIR = "processor"
+CACHE_ENV = "MASSV_CACHE_DIR"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Recipe.
+
+
+@dataclass(frozen=True)
+class WorldRecipe:
+    """Every size, seed and step count that decides the trained world models; its hash names the cache.
+
+    The defaults are the shipped recipe, sized for a 2-core CPU: a ~25 minute target run and a short
+    text-LM run. Images are 64x64 with 8x8 patches, so each image is 16 LM tokens after the 2x2 merger.
+    """
+
+    seed: int = 0
+    image_size: int = 64
+    patch_size: int = 8
+    # Tokenizer: byte-level BPE trained on this many records per split of world text.
+    vocab_size: int = 512
+    tokenizer_samples: int = 2000
+    # Target VLM.
+    target_hidden_size: int = 256
+    target_layers: int = 8
+    target_heads: int = 4
+    target_intermediate_size: int = 512
+    vision_hidden_size: int = 128
+    vision_depth: int = 4
+    target_steps: int = 2400
+    target_batch_size: int = 16
+    target_lr: float = 2e-3
+    target_warmup_steps: int = 100
+    # Text-only drafter LM.
+    text_hidden_size: int = 128
+    text_layers: int = 1
+    text_heads: int = 4
+    text_intermediate_size: int = 512
+    text_steps: int = 2000
+    text_batch_size: int = 64
+    text_lr: float = 3e-3
+    text_warmup_steps: int = 100
+    text_pretrain_fraction: float = 0.2  # share of caption-instruction (LLaVA-Pretrain style) records
+    # Shared optimiser settings.
+    weight_decay: float = 0.01
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    # Evaluation on the heldout split (scenes no training split can contain) and the cost measurement.
+    eval_samples: int = 400
+    eval_seed: int = 1000
+    max_new_tokens: int = 96
+    cost_context_tokens: int = 100
+    cost_decode_steps: int = 64
+    save_dtype: str = "float16"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WorldRecipe:
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown WorldRecipe fields {unknown}; valid fields: {sorted(known)}")
+        return cls(**data)
+
+    def hash(self) -> str:
+        """Stable short hash of the recipe, the world generator version and this file's format version.
+
+        Why: a cached or shipped model is only valid for the exact world and recipe it was trained on.
+        """
+        payload = {"recipe": self.to_dict(), "world_version": world.WORLD_VERSION, "format_version": FORMAT_VERSION}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class WorldModels:
+    """The trained target VLM, the text-only drafter LM, and the processor/tokenizer both share."""
+
+    target: Qwen2_5_VLForConditionalGeneration
+    text_lm: Qwen2ForCausalLM
+    processor: ProcessorMixin
+    tokenizer: PreTrainedTokenizerFast
+    recipe: WorldRecipe
+    path: Path | None = None
+    metrics: dict[str, Any] | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Builders.
+
+
+def build_world_tokenizer(recipe: WorldRecipe) -> PreTrainedTokenizerFast:
+    """Qwen2-style byte-level BPE trained on world text (no heldout text), checked to round-trip it.
+
+    Why: the target and the drafter must share one tokenizer, and a small vocabulary keeps both models small.
+    """
+    corpus = world.world_text_corpus(recipe.tokenizer_samples, recipe.seed).splitlines()
+    tokenizer = build_qwen_tokenizer(corpus, recipe.vocab_size)
+    probe = world.world_text_corpus(50, recipe.eval_seed, splits=("heldout",)).splitlines()
+    for line in probe:
+        decoded = tokenizer.decode(tokenizer.encode(line, add_special_tokens=False))
+        if decoded != line:
+            raise AssertionError(f"world tokenizer does not round-trip {line!r}: got {decoded!r}")
+    return tokenizer
+
+
+def build_world_target(recipe: WorldRecipe, tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLForConditionalGeneration:
+    """A randomly initialised Qwen2.5-VL target of the recipe's size."""
+    torch.manual_seed(recipe.seed)
+    config = qwen_target_config(
+        tokenizer, hidden_size=recipe.target_hidden_size, num_layers=recipe.target_layers,
+        vision_hidden_size=recipe.vision_hidden_size, vision_depth=recipe.vision_depth,
+        patch_size=recipe.patch_size, num_heads=recipe.target_heads,
+        intermediate_size=recipe.target_intermediate_size,
+    )
+    return _with_generation_defaults(Qwen2_5_VLForConditionalGeneration(config), tokenizer)
+
+
+def build_world_text_lm(recipe: WorldRecipe, tokenizer: PreTrainedTokenizerFast) -> Qwen2ForCausalLM:
+    """A randomly initialised Qwen2 text LM of the recipe's (small) size."""
+    torch.manual_seed(recipe.seed + 1)
+    config = qwen_drafter_config(
+        tokenizer, hidden_size=recipe.text_hidden_size, num_layers=recipe.text_layers,
+        num_heads=recipe.text_heads, intermediate_size=recipe.text_intermediate_size,
+    )
+    return _with_generation_defaults(Qwen2ForCausalLM(config), tokenizer)
+
+
+def _with_generation_defaults(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> Any:
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(world_end_of_turn())
+    model.generation_config.bos_token_id = None
+    return model
+
+
+def world_end_of_turn() -> str:
+    return "<|im_end|>"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: world records rendered in the chat format of the processor.
+
+
+def record_question(record: dict[str, Any]) -> str:
+    """The human turn without the LLaVA `<image>` marker (the chat template places the image)."""
+    return record["conversations"][0]["value"].replace(world.IMAGE_TOKEN, "").strip()
+
+
+def record_answer(record: dict[str, Any]) -> str:
+    return record["conversations"][1]["value"]
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerFast, question: str, with_image: bool) -> str:
+    """The generation prompt for one user turn; with an image first (Qwen2.5-VL layout) or text only.
+
+    Why: the target and the text-only LM must see the same words in the same template; only the image block
+    differs, exactly as the drafter sees a target prompt with the image removed.
+    """
+    content: list[dict[str, Any]] = [{"type": "image"}] if with_image else []
+    content.append({"type": "text", "text": question})
+    messages = [{"role": "user", "content": content}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def train_examples(split: str, seed: int, start: int, count: int, image_size: int | None
+                   ) -> tuple[list[dict[str, Any]], list[Image.Image]]:
+    """Records `start .. start+count-1` of (split, seed), rendered when `image_size` is given.
+
+    Why: streaming fresh records by index gives every training step new scenes at no storage cost, and any
+    step's batch can be rebuilt exactly.
+    """
+    records: list[dict[str, Any]] = []
+    images: list[Image.Image] = []
+    for index in range(start, start + count):
+        record, scene = world.make_record(split, seed, index)
+        records.append(record)
+        if image_size is not None:
+            images.append(world.render_scene(scene, image_size))
+    return records, images
+
+
+def encode_target_batch(processor: ProcessorMixin, target: Qwen2_5_VLForConditionalGeneration,
+                        records: Sequence[dict[str, Any]], images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+    """Model inputs for a training batch: right-padded, image tokens expanded, labels on answers only.
+
+    The 3-D rotary positions are computed here from `mm_token_type_ids` and passed explicitly, so training
+    never depends on the `rope_deltas` the model caches on itself.
+    """
+    tokenizer = processor.tokenizer
+    prompts = [chat_prompt(tokenizer, record_question(record), with_image=True) for record in records]
+    texts = [prompt + record_answer(record) + world_end_of_turn() for prompt, record in zip(prompts, records)]
+    batch = processor(text=texts, images=list(images), return_tensors="pt", padding=True, padding_side="right",
+                      return_mm_token_type_ids=True)
+    prompt_lengths = [len(ids) for ids in processor(text=prompts, images=list(images))["input_ids"]]
+    labels = batch["input_ids"].clone()
+    for row, prompt_length in enumerate(prompt_lengths):
+        labels[row, :prompt_length] = -100  # loss only on the answer and its end-of-turn token
+    labels[batch["attention_mask"] == 0] = -100
+    position_ids, _ = target.model.get_rope_index(
+        batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
+        attention_mask=batch["attention_mask"],
+    )
+    return {**batch, "labels": labels, "position_ids": position_ids}
+
+
+def encode_text_batch(tokenizer: PreTrainedTokenizerFast, records: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Text-only conversations (no image block): loss on every real token, question and answer alike.
+
+    Why: the text LM should model the whole world language, prompts included, as a pretrained LM would.
+    """
+    texts = [chat_prompt(tokenizer, record_question(r), with_image=False) + record_answer(r) + world_end_of_turn()
+             for r in records]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return {**batch, "labels": labels}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training.
+
+
+def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with decay on matrices only (norms, biases and gains are not shrunk)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
+def _cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float
+                     ) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _train_loop(model: torch.nn.Module, make_batch: Callable[[int], dict[str, torch.Tensor]], steps: int, lr: float,
+                warmup_steps: int, recipe: WorldRecipe, name: str, progress: bool) -> list[float]:
+    """The whole training step, in one place: forward, loss, backward, clip, AdamW, cosine LR."""
+    optimizer = _optimizer(model, lr, recipe.weight_decay)
+    schedule = _cosine_schedule(optimizer, warmup_steps, steps, recipe.min_lr_ratio)
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc=f"train {name}", unit="step", disable=not progress)
+    for step in bar:
+        batch = make_batch(step)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            recent = statistics.fmean(losses[-50:])
+            bar.set_postfix(loss=f"{recent:.3f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
+            logger.info("%s step %d/%d loss %.4f", name, step + 1, steps, recent)
+    model.eval()
+    return losses
+
+
+def train_target(target: Qwen2_5_VLForConditionalGeneration, processor: ProcessorMixin, recipe: WorldRecipe,
+                 progress: bool = True) -> list[float]:
+    """Train the whole target VLM (vision tower, merger and LM) on fresh `train` records each step.
+
+    Why end to end: there is no pretrained vision encoder to freeze here, and with 64x64 images (64 patches,
+    16 merged tokens) the vision tower is a small share of the step on a CPU.
+    """
+    batch_size = recipe.target_batch_size
+
+    def make_batch(step: int) -> dict[str, torch.Tensor]:
+        records, images = train_examples("train", recipe.seed, step * batch_size, batch_size, recipe.image_size)
+        return encode_target_batch(processor, target, records, images)
+
+    torch.manual_seed(recipe.seed)
+    return _train_loop(target, make_batch, recipe.target_steps, recipe.target_lr, recipe.target_warmup_steps,
+                       recipe, "target", progress)
+
+
+def text_records(recipe: WorldRecipe, start: int, count: int) -> list[dict[str, Any]]:
+    """Text-LM records: mostly `train` (all task kinds), some `pretrain` (caption instructions)."""
+    period = max(1, round(1 / recipe.text_pretrain_fraction)) if recipe.text_pretrain_fraction > 0 else 0
+    records = []
+    for index in range(start, start + count):
+        split = "pretrain" if period and index % period == period - 1 else "train"
+        # Seed offset: a different stream of scenes than the target saw (text only, no pixels involved).
+        records.append(world.make_record(split, recipe.seed + 1, index)[0])
+    return records
+
+
+def train_text_lm(text_lm: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, recipe: WorldRecipe,
+                  progress: bool = True) -> list[float]:
+    """Pretrain the text-only LM on world conversations rendered without any image."""
+    batch_size = recipe.text_batch_size
+
+    def make_batch(step: int) -> dict[str, torch.Tensor]:
+        return encode_text_batch(tokenizer, text_records(recipe, step * batch_size, batch_size))
+
+    torch.manual_seed(recipe.seed + 1)
+    return _train_loop(text_lm, make_batch, recipe.text_steps, recipe.text_lr, recipe.text_warmup_steps, recipe,
+                       "text_lm", progress)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation: is a generated answer one the world could have given?
+
+
+class _ChoiceWalker(random.Random):
+    """A stand-in RNG that follows a prescribed path of choice indices (index 0 past its end).
+
+    Why: the world picks question and answer templates independently, so the reference answer is one of
+    several correct phrasings. Walking every branch of `world.make_conversation` with this RNG enumerates
+    all of them from the world's own code, so the check never copies a template. `random()` is probed at
+    values on both sides of the world's branch thresholds (0.2, 0.5, 0.8); `valid_answers` is checked in
+    the tests to always contain the reference answer.
+    """
+
+    UNIFORM_PROBES: tuple[float, ...] = (0.1, 0.35, 0.65, 0.9)
+
+    def __init__(self, path: Sequence[int]) -> None:
+        super().__init__(0)
+        self.path = list(path)
+        self.taken: list[int] = []
+        self.widths: list[int] = []
+
+    def _pick(self, width: int) -> int:
+        if width <= 0:
+            raise IndexError("cannot choose from an empty sequence")
+        position = len(self.taken)
+        index = self.path[position] if position < len(self.path) else 0
+        self.taken.append(index)
+        self.widths.append(width)
+        return index
+
+    def choice(self, seq: Sequence[Any]) -> Any:
+        return seq[self._pick(len(seq))]
+
+    def choices(self, population: Sequence[Any], weights: Any = None, *, cum_weights: Any = None, k: int = 1
+                ) -> list[Any]:
+        return [population[self._pick(len(population))] for _ in range(k)]
+
+    def random(self) -> float:
+        return self.UNIFORM_PROBES[self._pick(len(self.UNIFORM_PROBES))]
+
+    def randrange(self, start: int, stop: int | None = None, step: int = 1) -> int:
+        values = range(start) if stop is None else range(start, stop, step)
+        return values[self._pick(len(values))]
+
+    def randint(self, a: int, b: int) -> int:
+        return self.randrange(a, b + 1)
+
+    def sample(self, population: Sequence[Any], k: int, *, counts: Any = None) -> list[Any]:
+        orders = list(itertools.permutations(population, k))
+        return list(orders[self._pick(len(orders))])
+
+    def shuffle(self, x: list[Any]) -> None:  # pragma: no cover - not used by the world today
+        orders = list(itertools.permutations(x))
+        x[:] = orders[self._pick(len(orders))]
+
+
+def _enumerate_outcomes(function: Callable[[random.Random], Any]) -> set[Any]:
+    """Every value `function(rng)` can return, by depth-first walk over all of its random choices."""
+    outcomes: set[Any] = set()
+    pending: list[list[int]] = [[]]
+    while pending:
+        path = pending.pop()
+        walker = _ChoiceWalker(path)
+        outcomes.add(function(walker))
+        for position in range(len(path), len(walker.taken)):
+            for alternative in range(1, walker.widths[position]):
+                pending.append(walker.taken[:position] + [alternative])
+    return outcomes
+
+
+def valid_answers(record: dict[str, Any]) -> set[str]:
+    """All answers the world could give to this record's question about its scene (any answer template)."""
+    scene = world.Scene.from_dict(record["scene"])
+    kinds = ("caption", "pretrain") if record["task"] == "caption" else (record["task"],)
+    question = record_question(record)
+    answers: set[str] = set()
+    for kind in kinds:
+        for pair in _enumerate_outcomes(lambda rng, kind=kind: world.make_conversation(scene, kind, rng)):
+            if pair[0] == question:
+                answers.add(pair[1])
+    return answers
+
+
+def _answer_templates() -> list[str]:
+    templates: list[str] = [*world.CAPTION_ANSWERS, *world.COUNT_OBJECT_ANSWERS]
+    for pairs in (world.COLOUR_ANSWERS, world.POSITION_ANSWERS):
+        templates += [template for pair in pairs for template in pair]
+    for cases in (*world.COUNT_ANSWERS, *world.COMPARE_ANSWERS, *world.EXISTS_ANSWERS):
+        templates += list(cases.values())
+    return templates
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    # Fields become runs of lowercase words and commas; "a" may have been turned into "an".
+    pattern = ""
+    for literal, field in re.findall(r"([^{]*)(\{\w+\})?", template):
+        pattern += re.sub(r"\b([Aa])\\ ", r"\1n?\\ ", re.escape(literal))
+        if field:
+            pattern += r"[a-z]+(?:,? [a-z]+)*?"
+    return re.compile(pattern)
+
+
+_ANSWER_PATTERNS: list[re.Pattern[str]] = [_template_regex(t) for t in _answer_templates()]
+
+
+def is_well_formed_answer(text: str) -> bool:
+    """True if `text` uses only world words and has the shape of one of the world's answer templates.
+
+    Why: a text-only LM should produce fluent world answers even though it cannot know their content.
+    """
+    try:
+        words = world.split_words(text)
+    except ValueError:
+        return False
+    vocabulary = set(world.world_vocabulary())
+    if not words or any(word not in vocabulary for word in words):
+        return False
+    return any(pattern.fullmatch(text) for pattern in _ANSWER_PATTERNS)
+
+
+def asked_colour(record: dict[str, Any]) -> str | None:
+    """For a colour question, the true colour of the shape it asks about."""
+    if record["task"] != "colour":
+        return None
+    scene = world.Scene.from_dict(record["scene"])
+    plurals = {plural: shape for shape, plural in world.SHAPE_PLURALS.items()}
+    for word in world.split_words(record_question(record)):
+        shape = word if word in world.SHAPES else plurals.get(word)
+        if shape is not None and scene.group(shape) is not None:
+            return scene.group(shape).colour
+    return None
+
+
+def heldout_records(num_samples: int, seed: int, kinds: Iterable[str] | None = None, image_size: int = 64
+                    ) -> tuple[list[dict[str, Any]], list[Image.Image]]:
+    """The first `num_samples` heldout records of `seed` whose task is in `kinds` (all kinds if None).
+
+    Why: heldout scenes come from a hash bucket the training splits never draw from.
+    """
+    wanted = set(kinds) if kinds is not None else set(world.TASK_KINDS)
+    records: list[dict[str, Any]] = []
+    images: list[Image.Image] = []
+    for index in itertools.count():
+        if len(records) == num_samples:
+            break
+        record, scene = world.make_record("heldout", seed, index)
+        if record["task"] in wanted:
+            records.append(record)
+            images.append(world.render_scene(scene, image_size))
+    return records, images
+
+
+@torch.inference_mode()
+def generate_target_answers(target: Qwen2_5_VLForConditionalGeneration, processor: ProcessorMixin,
+                            records: Sequence[dict[str, Any]], images: Sequence[Image.Image],
+                            max_new_tokens: int = 96, batch_size: int = 32) -> list[str]:
+    """Greedy answers of the target VLM (batched, left-padded) to the records' questions about their images."""
+    tokenizer = processor.tokenizer
+    answers: list[str] = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        prompts = [chat_prompt(tokenizer, record_question(record), with_image=True) for record in chunk]
+        inputs = processor(text=prompts, images=list(images[start:start + batch_size]), return_tensors="pt",
+                           padding=True, padding_side="left", return_mm_token_type_ids=True)
+        output = target.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        answers += tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    target.model.rope_deltas = None  # do not leave generate's cached deltas behind for other callers
+    return [answer.strip() for answer in answers]
+
+
+@torch.inference_mode()
+def generate_text_answers(text_lm: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast,
+                          records: Sequence[dict[str, Any]], max_new_tokens: int = 96, batch_size: int = 64) -> list[str]:
+    """Greedy answers of the text-only LM, which sees the question but no image."""
+    answers: list[str] = []
+    for start in range(0, len(records), batch_size):
+        prompts = [chat_prompt(tokenizer, record_question(r), with_image=False) for r in records[start:start + batch_size]]
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+        output = text_lm.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        answers += tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [answer.strip() for answer in answers]
+
+
+def score_answers(records: Sequence[dict[str, Any]], answers: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per task kind (and "all"): exact match against any valid phrasing, against the one reference, and
+    well-formedness; for colour questions also whether the right colour word was named.
+
+    `exact` is the headline number: the answer is word for word one the world generates for this question
+    and scene. `exact_reference` is capped below 1 because answer templates are drawn at random.
+    """
+    rows: dict[str, list[dict[str, float]]] = {}
+    for record, answer in zip(records, answers):
+        row = {
+            "exact": float(answer in valid_answers(record)),
+            "exact_reference": float(answer == record_answer(record)),
+            "well_formed": float(is_well_formed_answer(answer)),
+        }
+        colour = asked_colour(record)
+        if colour is not None:
+            named = {word for word in re.findall(r"[a-z]+", answer.lower()) if word in world.COLOURS}
+            row["colour_word"] = float(named == {colour})
+        rows.setdefault(record["task"], []).append(row)
+        rows.setdefault("all", []).append(row)
+    return {
+        kind: {"n": len(kind_rows), **{key: statistics.fmean(r[key] for r in kind_rows) for key in kind_rows[0]}}
+        for kind, kind_rows in sorted(rows.items())
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cost ratio: drafter vs target, one token with a KV cache.
+
+
+@torch.inference_mode()
+def measure_cost_ratio(target: Qwen2_5_VLForConditionalGeneration, text_lm: Qwen2ForCausalLM,
+                       processor: ProcessorMixin, context_tokens: int = 100, decode_steps: int = 64,
+                       image_size: int = world.DEFAULT_IMAGE_SIZE, seed: int = 0) -> dict[str, float]:
+    """Median time of one cached single-token forward of each model at a ~`context_tokens` context.
+
+    Why: speculative decoding's speedup is bounded by c = drafter step / target step. The target is driven
+    through its family adapter (explicit 3-D positions), as the engine drives it; the two models' steps are
+    interleaved so load from other processes hits both alike.
+    """
+    tokenizer = processor.tokenizer
+    records, images = heldout_records(1, seed, kinds=("caption",), image_size=image_size)
+    question, answer = record_question(records[0]), record_answer(records[0])
+    long_answer = " ".join([answer] * 6)  # long enough to fill the context
+    inputs = processor(text=[chat_prompt(tokenizer, question, with_image=True) + long_answer], images=images,
+                       return_tensors="pt")
+    input_ids = inputs["input_ids"][:, :context_tokens]
+    text_ids = tokenizer([chat_prompt(tokenizer, question, with_image=False) + long_answer],
+                         return_tensors="pt")["input_ids"][:, :context_tokens]
+    adapter = get_adapter(target.config)
+    image_inputs = {name: inputs[name] for name in adapter.image_input_names}
+    prefill_kwargs, position_state = adapter.target_prefill_kwargs(input_ids, image_inputs, target)
+    target_out = target(input_ids=input_ids, use_cache=True, **image_inputs, **prefill_kwargs)
+    draft_out = text_lm(input_ids=text_ids, use_cache=True)
+    target_cache, draft_cache = target_out.past_key_values, draft_out.past_key_values
+    next_token = input_ids[:, -1:]
+    target_times: list[float] = []
+    draft_times: list[float] = []
+    for step in range(decode_steps):
+        started = time.perf_counter()
+        decode_kwargs = adapter.target_decode_kwargs(position_state, input_ids.shape[1] + step, 1)
+        target_cache = target(input_ids=next_token, past_key_values=target_cache, use_cache=True,
+                              **decode_kwargs).past_key_values
+        target_times.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        draft_cache = text_lm(input_ids=next_token, past_key_values=draft_cache, use_cache=True).past_key_values
+        draft_times.append(time.perf_counter() - started)
+    target_ms = statistics.median(target_times[4:] or target_times) * 1000
+    draft_ms = statistics.median(draft_times[4:] or draft_times) * 1000
+    return {"target_ms": target_ms, "drafter_ms": draft_ms, "cost_ratio": draft_ms / target_ms,
+            "target_context_tokens": int(input_ids.shape[1]), "drafter_context_tokens": int(text_ids.shape[1])}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Train, save, load.
+
+
+def evaluate_world_models(models: WorldModels, num_samples: int | None = None, seed: int | None = None,
+                          progress: bool = False) -> dict[str, Any]:
+    """Held-out accuracy per task kind of the target and of the text-only LM, on the same questions."""
+    recipe = models.recipe
+    records, images = heldout_records(num_samples or recipe.eval_samples, recipe.eval_seed if seed is None else seed,
+                                      image_size=recipe.image_size)
+    logger.info("evaluating on %d heldout questions", len(records))
+    target_answers = generate_target_answers(models.target, models.processor, records, images, recipe.max_new_tokens)
+    text_answers = generate_text_answers(models.text_lm, models.tokenizer, records, recipe.max_new_tokens)
+    examples = [{"task": r["task"], "question": record_question(r), "reference": record_answer(r),
+                 "target": t, "text_lm": d} for r, t, d in list(zip(records, target_answers, text_answers))[:10]]
+    return {"target": score_answers(records, target_answers), "text_lm": score_answers(records, text_answers),
+            "examples": examples}
+
+
+def train_world_models(recipe: WorldRecipe, out_dir: str | os.PathLike, progress: bool = True) -> Path:
+    """Train tokenizer, target and text LM from `recipe`, evaluate them, and write `out_dir` atomically.
+
+    Layout: `recipe.json`, `metrics.json`, `README.md`, `processor/` (processor + tokenizer), `target/` and
+    `text_lm/` (Hugging Face checkpoints, safetensors in `recipe.save_dtype`). Metrics are measured on the
+    saved (reloaded) weights, so they describe exactly what is shipped.
+    """
+    out_dir = Path(out_dir)
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    started = time.time()
+    tokenizer = build_world_tokenizer(recipe)
+    processor = build_qwen_processor(tokenizer, image_size=recipe.image_size, patch_size=recipe.patch_size)
+    target = build_world_target(recipe, tokenizer)
+    text_lm = build_world_text_lm(recipe, tokenizer)
+    logger.info("target: %.2fM parameters; text LM: %.2fM parameters", _millions(target), _millions(text_lm))
+
+    phase_started = time.time()
+    target_losses = train_target(target, processor, recipe, progress)
+    target_seconds = time.time() - phase_started
+    phase_started = time.time()
+    text_losses = train_text_lm(text_lm, tokenizer, recipe, progress)
+    text_seconds = time.time() - phase_started
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_dtype = getattr(torch, recipe.save_dtype)
+        processor.save_pretrained(staging / PROCESSOR_DIR)
+        copy.deepcopy(target).to(save_dtype).save_pretrained(staging / TARGET_DIR)
+        copy.deepcopy(text_lm).to(save_dtype).save_pretrained(staging / TEXT_LM_DIR)
+        (staging / RECIPE_FILE).write_text(json.dumps({"hash": recipe.hash(), "world_version": world.WORLD_VERSION,
+                                                        "format_version": FORMAT_VERSION, "recipe": recipe.to_dict()},
+                                                       indent=2) + "\n")
+        reloaded = _load_directory(staging, recipe)
+        metrics = {
+            "parameters": {"target": _count(reloaded.target), "text_lm": _count(reloaded.text_lm)},
+            "training_seconds": {"target": target_seconds, "text_lm": text_seconds},
+            "final_loss": {"target": statistics.fmean(target_losses[-50:]), "text_lm": statistics.fmean(text_losses[-50:])},
+            "heldout": evaluate_world_models(reloaded, progress=progress),
+            "cost": measure_cost_ratio(reloaded.target, reloaded.text_lm, reloaded.processor,
+                                       recipe.cost_context_tokens, recipe.cost_decode_steps, recipe.image_size),
+            "torch_threads": torch.get_num_threads(),
+        }
+        metrics["total_seconds"] = time.time() - started
+        (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        (staging / "README.md").write_text(_model_card(recipe, metrics))
+        _replace_directory(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("world models for recipe %s written to %s in %.0f s", recipe.hash(), out_dir, time.time() - started)
+    return out_dir
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "massv") / "world"
+
+
+def load_world_models(cache_dir: str | os.PathLike | None = None, from_scratch: bool = False,
+                      recipe: WorldRecipe | None = None, progress: bool = True) -> WorldModels:
+    """The world models for `recipe` (default: the shipped one), trained only if no matching copy exists.
+
+    Looks in the shipped `massv/assets/world/`, then in `<cache_dir or ~/.cache/massv/world>/<recipe-hash>/`;
+    a directory counts only if its `recipe.json` hash matches. `from_scratch=True` retrains into the cache.
+    """
+    recipe = recipe or WorldRecipe()
+    key = recipe.hash()
+    cache_path = (Path(cache_dir) if cache_dir is not None else default_cache_root()) / key
+    if not from_scratch:
+        for candidate in (ASSETS_DIR, cache_path):
+            if stored_recipe_hash(candidate) == key:
+                logger.info("loading world models %s from %s", key, candidate)
+                return _load_directory(candidate, recipe)
+    logger.info("no world models for recipe %s; training them into %s", key, cache_path)
+    train_world_models(recipe, cache_path, progress=progress)
+    return _load_directory(cache_path, recipe)
+
+
+def stored_recipe_hash(directory: str | os.PathLike) -> str | None:
+    """The recipe hash a world-models directory was written for, or None if it is missing or incomplete."""
+    directory = Path(directory)
+    try:
+        stored = json.loads((directory / RECIPE_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    parts = (directory / TARGET_DIR / "config.json", directory / TEXT_LM_DIR / "config.json", directory / PROCESSOR_DIR)
+    return stored.get("hash") if all(part.exists() for part in parts) else None
+
+
+def _load_directory(directory: Path, recipe: WorldRecipe) -> WorldModels:
+    processor = AutoProcessor.from_pretrained(directory / PROCESSOR_DIR)
+    target = Qwen2_5_VLForConditionalGeneration.from_pretrained(directory / TARGET_DIR, dtype=torch.float32)
+    text_lm = Qwen2ForCausalLM.from_pretrained(directory / TEXT_LM_DIR, dtype=torch.float32)
+    target.eval()
+    text_lm.eval()
+    metrics_path = directory / METRICS_FILE
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
+    return WorldModels(target=target, text_lm=text_lm, processor=processor, tokenizer=processor.tokenizer,
+                       recipe=recipe, path=directory, metrics=metrics)
+
+
+def _replace_directory(staging: Path, out_dir: Path) -> None:
+    """Swap a fully written directory into place; the old one is removed only after the new one exists."""
+    backup = None
+    if out_dir.exists():
+        backup = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(backup, ignore_errors=True)
+        os.replace(out_dir, backup)
+    os.replace(staging, out_dir)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def _millions(model: torch.nn.Module) -> float:
+    return _count(model) / 1e6
+
+
+def _model_card(recipe: WorldRecipe, metrics: dict[str, Any]) -> str:
+    """README for a world-models directory: what was trained, how, and how well it does on heldout scenes."""
+    lines = [
+        "# World models: a Qwen2.5-VL target and a text-only Qwen2 drafter LM, trained from scratch",
+        "",
+        "Written by `massv.world_models.train_world_models` (reproduce with "
+        "`python data_prep/train_world_models.py --out massv/assets/world`). Trained on the synthetic world of "
+        "`massv/world.py`; evaluated on its `heldout` split, whose scenes no training split contains.",
+        "",
+        f"Recipe hash `{recipe.hash()}` (world version {world.WORLD_VERSION}, format version {FORMAT_VERSION}).",
+        "",
+        "| model | parameters | training time (s) | final loss |",
+        "|---|---|---|---|",
+    ]
+    for name in ("target", "text_lm"):
+        lines.append(f"| {name} | {metrics['parameters'][name] / 1e6:.2f}M | {metrics['training_seconds'][name]:.0f} "
+                     f"| {metrics['final_loss'][name]:.4f} |")
+    lines += [
+        "",
+        "## Held-out accuracy (greedy decoding)",
+        "",
+        "`exact`: the answer is word for word one the world generates for that question and scene (any of its "
+        "answer templates). `exact_reference`: equal to the single reference answer (capped below 1, since "
+        "answer templates are drawn at random). `well_formed`: only world words, in the shape of an answer "
+        "template. `colour_word`: colour questions only, the right colour named.",
+        "",
+        "| model | task | n | exact | exact_reference | well_formed | colour_word |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in ("target", "text_lm"):
+        for kind, row in metrics["heldout"][name].items():
+            colour = f"{row['colour_word']:.3f}" if "colour_word" in row else ""
+            lines.append(f"| {name} | {kind} | {row['n']} | {row['exact']:.3f} | {row['exact_reference']:.3f} "
+                         f"| {row['well_formed']:.3f} | {colour} |")
+    cost = metrics["cost"]
+    lines += [
+        "",
+        "## Cost ratio",
+        "",
+        f"One cached single-token forward at a ~{cost['target_context_tokens']}-token context, "
+        f"{metrics['torch_threads']} CPU threads: target {cost['target_ms']:.2f} ms, drafter LM "
+        f"{cost['drafter_ms']:.2f} ms, c = {cost['cost_ratio']:.3f}.",
+        "",
+        "## Recipe",
+        "",
+        "```json",
+        json.dumps(recipe.to_dict(), indent=2),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
