@@ -1,0 +1,56 @@
+"""Load a target VLM and a drafter (MASSV or plain text LM) from local paths or hub ids, with clear errors."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+from massv.drafter import CONFIG_NAME, MultimodalDrafter
+from massv.families import get_adapter
+from massv.vocab import check_tokenizer_compatibility
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def resolve_dtype(name: str) -> Any:
+    """Config strings to torch dtypes; an unknown name lists the valid ones."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_target(name_or_path: str, dtype: str = "auto", device: str | None = None) -> tuple[Any, Any]:
+    """The target VLM and its processor; the family is checked up front so an unsupported one fails fast."""
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=resolve_dtype(dtype))
+    get_adapter(model.config)
+    if device:
+        model.to(device)
+    model.eval()
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    return model, processor
+
+
+def is_massv_drafter(path: str | Path) -> bool:
+    """A directory written by `MultimodalDrafter.save_pretrained` (else: a plain causal LM, the text-only baseline)."""
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
+def load_drafter(name_or_path: str, target: Any, target_tokenizer: Any, dtype: str = "auto") -> Any:
+    """A MASSV drafter sharing the target's vision encoder, or a plain causal LM checked against the tokenizer."""
+    if is_massv_drafter(name_or_path):
+        drafter = MultimodalDrafter.from_pretrained(name_or_path, target=target)
+        return drafter.to(device=target.device)
+    lm = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype)).to(target.device).eval()
+    local = Path(name_or_path)
+    if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
+        logger.warning("no tokenizer files in %s; assuming it shares the target's tokenizer", local)
+    else:
+        check_tokenizer_compatibility(target_tokenizer, AutoTokenizer.from_pretrained(name_or_path))
+    return lm
