@@ -1,0 +1,271 @@
+"""`massv demo`: the whole MASSV pipeline on the embedded synthetic world, on a CPU, with a report.
+
+world -> target VLM + text-only LM (shipped, or `--from-scratch`) -> MASSV phase 1 (projector on captions)
+-> target answers the training prompts (self-distillation) -> phase 2 (projector + LM on those answers)
+-> evaluation on the held-out split. Four drafters are compared at γ = 5, greedy and temperature 1:
+  (a) the text-only drafter, (b) the text-only drafter tuned on the target's answers,
+  (c) MASSV after phase 1, (d) full MASSV.
+Every stage writes its result under `--out` and is reused by the next run; greedy outputs are checked
+token for token against the target's own `generate()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from massv.config import RunConfig, load_config
+from massv.drafter import MultimodalDrafter
+from massv.evaluate import EvalSettings, EvalSummary, evaluate_samples
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DRAFTERS = {
+    "text_only": "(a) text-only drafter",
+    "text_only_tuned": "(b) text-only drafter tuned on target answers",
+    "massv_phase1": "(c) MASSV after phase 1",
+    "massv": "(d) full MASSV",
+}
+# (pretrain captions, instruction prompts, held-out eval samples, phase-1 steps, phase-2 steps, max new tokens)
+SIZES = {
+    "full": {"pretrain": 2400, "train": 1200, "heldout": 40, "phase1_steps": 300, "phase2_steps": 400, "max_new_tokens": 96},
+    "quick": {"pretrain": 64, "train": 32, "heldout": 3, "phase1_steps": 10, "phase2_steps": 10, "max_new_tokens": 24},
+}
+
+
+def _demo_config(config_path: Path, out: Path, size: dict[str, int], overrides: list[str]) -> RunConfig:
+    """The demo's YAML with data and output paths moved under `out` and the size's step counts."""
+    world = out / "world"
+    paths = [
+        f"data.pretrain_json={world / 'pretrain.jsonl'}", f"data.pretrain_image_root={world}",
+        f"data.instruct_json={world / 'train.jsonl'}", f"data.instruct_image_root={world}",
+        f"data.distilled_dir={out / 'distilled'}", f"phase1.output_dir={out / 'phase1'}",
+        f"phase2.output_dir={out / 'phase2'}", f"phase1.max_steps={size['phase1_steps']}",
+        f"phase2.max_steps={size['phase2_steps']}", f"distill.max_new_tokens={size['max_new_tokens']}",
+    ]
+    return load_config(config_path, overrides=paths + list(overrides))
+
+
+def _stage(name: str) -> None:
+    logger.info("==== %s ====", name)
+
+
+def _final(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "final"
+
+
+def _text_only_records(records: Any) -> Any:
+    """The distilled answers without their images: what a text-only drafter can be tuned on."""
+    from massv.train.data import strip_image_placeholder
+
+    def strip(record: dict[str, Any]) -> dict[str, Any]:
+        conversations = [{**turn, "value": strip_image_placeholder(turn["value"])} for turn in record["conversations"]]
+        return {"image_path": None, "conversations": conversations}
+
+    return records.map(strip)
+
+
+def _train_or_load(config: RunConfig, phase: int, target: Any, drafter: MultimodalDrafter, processor: Any,
+                   records: Any) -> MultimodalDrafter:
+    """Run a phase unless its final drafter exists (then load it: a second demo run reuses the stage)."""
+    from massv.train import train_phase
+
+    output_dir = config.phase1.output_dir if phase == 1 else config.phase2.output_dir
+    if (_final(output_dir) / "massv_drafter.json").is_file():
+        logger.info("reusing %s", _final(output_dir))
+        return MultimodalDrafter.from_pretrained(_final(output_dir), target=target)
+    result = train_phase(config, phase, resume=True, target=target, drafter=drafter, processor=processor, dataset=records)
+    return result.drafter
+
+
+def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_path: Path = DEFAULT_CONFIG,
+             overrides: list[str] | None = None, seed: int = 0, recipe: Any = None) -> dict[str, Any]:
+    """Run every stage (reusing finished ones) and write report.json / report.md / report.png under `out`.
+
+    `recipe` (a `WorldRecipe`) picks other world models than the shipped ones.
+    """
+    from massv.benchmarks import load_benchmark
+    from massv.train.distill import generate_responses, load_distilled_records
+    from massv.train.llava_data import load_llava_records
+    from massv.world import write_world
+    from massv.world_models import load_world_models
+
+    started = time.perf_counter()
+    size = SIZES["quick" if quick else "full"]
+    out.mkdir(parents=True, exist_ok=True)
+    config = _demo_config(config_path, out, size, overrides or [])
+    timings: dict[str, float] = {}
+
+    def timed(name: str, start: float) -> None:
+        timings[name] = round(time.perf_counter() - start, 1)
+
+    _stage("world models (target VLM + text-only LM)")
+    start = time.perf_counter()
+    world_models = load_world_models(from_scratch=from_scratch, recipe=recipe)
+    target, text_lm, processor = world_models.target, world_models.text_lm, world_models.processor
+    target.eval()
+    timed("world_models", start)
+
+    _stage("synthetic world data")
+    start = time.perf_counter()
+    world_dir = out / "world"
+    write_world(world_dir, "pretrain", size["pretrain"], seed)
+    write_world(world_dir, "train", size["train"], seed)
+    write_world(world_dir, "heldout", size["heldout"], seed + 1)
+    timed("world_data", start)
+
+    _stage("phase 1: projector pretraining on captions")
+    start = time.perf_counter()
+    pretrain_records, _ = load_llava_records(world_dir / "pretrain.jsonl", world_dir)
+    fresh = MultimodalDrafter.from_target(target, copy.deepcopy(text_lm), len(world_models.tokenizer))
+    phase1_drafter = _train_or_load(config, 1, target, fresh, processor, pretrain_records)
+    timed("phase1", start)
+
+    _stage("self-distillation: the target answers the training prompts")
+    start = time.perf_counter()
+    train_records, _ = load_llava_records(world_dir / "train.jsonl", world_dir)
+    generate_responses(config, target=target, processor=processor, records=train_records)
+    distilled, _ = load_distilled_records(config.data.distilled_dir, world_dir, num_workers=0)
+    timed("distill", start)
+
+    _stage("phase 2: projector + LM on the target's answers")
+    start = time.perf_counter()
+    phase2_start = MultimodalDrafter.from_pretrained(_final(config.phase1.output_dir), target=target)
+    massv_drafter = _train_or_load(config, 2, target, phase2_start, processor, distilled)
+    timed("phase2", start)
+
+    _stage("baseline (b): the text-only drafter tuned on the target's answers")
+    start = time.perf_counter()
+    text_config = load_config(config.to_dict(), overrides=[f"phase2.output_dir={out / 'phase2_text_only'}"])
+    text_start = MultimodalDrafter.from_target(target, copy.deepcopy(text_lm), len(world_models.tokenizer))
+    tuned_text_lm = _train_or_load(text_config, 2, target, text_start, processor, _text_only_records(distilled)).language_model
+    timed("text_only_tuned", start)
+
+    _stage("evaluation on the held-out split")
+    start = time.perf_counter()
+    samples = load_benchmark("world", world_dir, split="heldout")
+    drafters = {"text_only": text_lm, "text_only_tuned": tuned_text_lm, "massv_phase1": phase1_drafter, "massv": massv_drafter}
+    results: dict[str, dict[str, EvalSummary]] = {}
+    baseline_cache: dict[tuple[Any, ...], tuple[list[int], float]] = {}
+    for temperature in (0.0, 1.0):
+        for name, drafter in drafters.items():
+            settings = EvalSettings(num_draft_tokens=5, temperature=temperature, max_new_tokens=size["max_new_tokens"], seed=seed)
+            summary, rows = evaluate_samples(target, drafter, processor, samples, settings,
+                                             description=f"{name} T={temperature:g}", baseline_cache=baseline_cache)
+            results.setdefault(name, {})[f"T={temperature:g}"] = summary
+            _write_rows(out / "samples" / f"{name}_T{temperature:g}.jsonl", rows)
+    timed("evaluation", start)
+
+    report = _report(results, world_models, size, timings, time.perf_counter() - started, quick)
+    _write_report(out, report)
+    return report
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _report(results: dict[str, dict[str, EvalSummary]], world_models: Any, size: dict[str, int],
+            timings: dict[str, float], total_seconds: float, quick: bool) -> dict[str, Any]:
+    greedy_mal = {name: results[name]["T=0"].mean_accepted_length for name in results}
+    mismatches = sum(summary.lossless_mismatches for by_temp in results.values() for summary in by_temp.values())
+    checked = sum(summary.lossless_checked for by_temp in results.values() for summary in by_temp.values())
+    return {
+        "mode": "quick" if quick else "full",
+        "num_draft_tokens": 5,
+        "sizes": size,
+        "world_models": {"recipe_hash": world_models.recipe.hash(), "metrics": world_models.metrics},
+        "results": {name: {temp: asdict(summary) for temp, summary in by_temp.items()} for name, by_temp in results.items()},
+        "mal_ratio_massv_vs_text_only_greedy": greedy_mal["massv"] / greedy_mal["text_only"] if greedy_mal["text_only"] else None,
+        "lossless": {"checked": checked, "mismatches": mismatches},
+        "stage_seconds": timings,
+        "total_seconds": round(total_seconds, 1),
+    }
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# MASSV demo report ({report['mode']})",
+        "",
+        f"γ = {report['num_draft_tokens']}; held-out samples: {report['sizes']['heldout']}; "
+        f"total time {report['total_seconds']:.0f} s. MAL counts the bonus token (tokens per target forward).",
+        "",
+        "| drafter | T | MAL | accepted drafts / step | acceptance rate | speedup vs target | lossless |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, by_temp in report["results"].items():
+        for temp, summary in by_temp.items():
+            lossless = (f"{summary['lossless_checked'] - summary['lossless_mismatches']}/{summary['lossless_checked']} identical"
+                        if summary["lossless_checked"] else "sampled")
+            lines.append(
+                f"| {DRAFTERS[name]} | {temp[2:]} | {summary['mean_accepted_length']:.2f} | "
+                f"{summary['mean_accepted_drafts']:.2f} | {100 * summary['acceptance_rate']:.1f}% | "
+                f"{summary['speedup']:.2f}x | {lossless} |"
+            )
+    ratio = report["mal_ratio_massv_vs_text_only_greedy"]
+    lines += [
+        "",
+        f"MAL(full MASSV) / MAL(text-only drafter), greedy: **{ratio:.2f}x**" if ratio else "",
+        f"Greedy outputs identical to the target's own: {report['lossless']['checked'] - report['lossless']['mismatches']}"
+        f"/{report['lossless']['checked']}.",
+        "",
+        "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in report["stage_seconds"].items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(out: Path, report: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["results"])
+    figure, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for axis, metric, label in zip(axes, ("mean_accepted_length", "acceptance_rate", "speedup"),
+                                   ("mean accepted length", "acceptance rate", "speedup vs target")):
+        for offset, temp in ((-0.2, "T=0"), (0.2, "T=1")):
+            values = [report["results"][name][temp][metric] for name in names]
+            axis.bar([i + offset for i in range(len(names))], values, width=0.4, label=temp)
+        axis.set_xticks(range(len(names)), [DRAFTERS[name][:3] for name in names])
+        axis.set_title(label)
+    axes[0].legend()
+    figure.suptitle("MASSV demo: (a) text-only, (b) text-only tuned, (c) MASSV phase 1, (d) full MASSV; γ=5")
+    figure.tight_layout()
+    figure.savefig(out / "report.png", dpi=100)
+    plt.close(figure)
+
+
+def _write_report(out: Path, report: dict[str, Any]) -> None:
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    markdown = _markdown(report)
+    (out / "report.md").write_text(markdown)
+    _plot(out, report)
+    print(markdown)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`massv demo [--quick] [--from-scratch] [--out DIR]`; exits non-zero if any greedy output differs."""
+    parser = argparse.ArgumentParser(prog="massv demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (reused across runs)")
+    parser.add_argument("--quick", action="store_true", help="a tiny version of every stage (about two minutes)")
+    parser.add_argument("--from-scratch", action="store_true", help="retrain the world target and text LM too")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--override", nargs="*", default=[], help="config overrides, e.g. phase2.learning_rate=5e-4")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = args.out / "quick" if args.quick and args.out == Path("runs/demo") else args.out
+    report = run_demo(out, quick=args.quick, from_scratch=args.from_scratch, config_path=args.config,
+                      overrides=args.override, seed=args.seed)
+    return 1 if report["lossless"]["mismatches"] else 0
