@@ -1,0 +1,310 @@
+"""Compressed drafters: angular-distance layer pruning, Wanda/2:4 sparsity, fixed masks, MACs, recipe, table."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from massv import MultimodalDrafter
+from massv.compress import (
+    Sample,
+    SparsityMasks,
+    Variant,
+    build_batches,
+    choose_block,
+    compress_drafter,
+    compression_table,
+    drafter_macs,
+    drop_layers,
+    keep_mask,
+    language_model_macs,
+    prepare_batches,
+    prune_layers,
+    prune_sparse,
+    recover,
+)
+from massv.compress.angular import block_distances, decoder_layers
+from massv.compress.sparsity import input_norms, prunable_linears
+from massv.compress.table import clone_drafter
+from massv.config import CompressConfig, TrainingConfig
+from massv.tiny import build_tiny_pair
+from tests.conftest import FAMILIES, random_image
+
+NUM_LAYERS = 4
+
+
+class SkipLayer(nn.Module):
+    """A decoder layer that passes the residual stream through: the model with layers 'manually skipped'."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def setup(request):
+    """A 4-layer drafter (never modified: tests work on clones) and two prepared calibration samples."""
+    torch.set_num_threads(2)
+    pair = build_tiny_pair(request.param, seed=0, drafter_kwargs={"num_layers": NUM_LAYERS})
+    drafter = MultimodalDrafter.from_target(pair.target, pair.drafter_lm, len(pair.tokenizer))
+    samples = [Sample("What colour is the square?", random_image(0), "The square is blue."),
+               Sample("How many triangles are there?", random_image(1), "There are three green triangles.")]
+    batches = prepare_batches(drafter, build_batches(pair.processor, drafter.adapter, samples))
+    return pair, drafter, samples, batches
+
+
+def _text_ids(pair, length: int = 24) -> torch.Tensor:
+    """Plain text ids, longer than Gemma's sliding window (16) so both cache kinds are exercised."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(10, len(pair.tokenizer), (1, length), generator=generator)
+
+
+# ---- angular distance -------------------------------------------------------------------------------
+
+
+def test_angular_distance_matches_hand_computation():
+    # 4 boundaries (3 layers), batch of 2, seq 3, 2-D vectors given by their angle; row 1 is right-padded.
+    angles = torch.tensor([[[0.0, 0.1, 0.0], [0.3, 0.0, 9.9]],              # entering layer 0
+                           [[0.5, 0.2, math.pi / 2], [0.4, 0.3, 9.9]],      # entering layer 1
+                           [[1.0, 0.2, math.pi], [0.4, 1.3, 9.9]],          # entering layer 2
+                           [[1.0, 0.2, 3 * math.pi / 2], [0.4, 2.0, 9.9]]])  # leaving layer 2
+    states = [torch.stack([torch.cos(a), torch.sin(a)], dim=-1) * (1 + index) for index, a in enumerate(angles)]
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    # Last tokens: row 0 at position 2 (angles 0, pi/2, pi, 3pi/2), row 1 at position 1 (0, 0.3, 1.3, 2.0).
+    one = block_distances(states, mask, num_layers_to_drop=1, tokens="last")
+    expected_one = torch.tensor([[0.5, 0.3 / math.pi], [0.5, 1.0 / math.pi], [0.5, 0.7 / math.pi]])
+    torch.testing.assert_close(one, expected_one, atol=1e-6, rtol=0)
+    two = block_distances(states, mask, num_layers_to_drop=2, tokens="last")
+    torch.testing.assert_close(two, torch.tensor([[1.0, 1.3 / math.pi], [1.0, 1.7 / math.pi]]), atol=1e-6, rtol=0)
+    three_layers_would_be_all = pytest.raises(ValueError, match="can drop")
+    with three_layers_would_be_all:
+        block_distances(states, mask, num_layers_to_drop=3)
+    every = block_distances(states, mask, num_layers_to_drop=1, tokens="all")
+    first_block = (angles[1] - angles[0]).abs()[mask] / math.pi
+    torch.testing.assert_close(every[0], first_block, atol=1e-6, rtol=0)
+
+
+def test_chosen_block_is_argmin_of_hand_computed_distances(setup):
+    pair, drafter, _, batches = setup
+    for n in (1, 2):
+        decision = choose_block(drafter, batches, n)
+        # By hand: record what enters every layer and what leaves the last one, average the last tokens.
+        entering, leaving = [], []
+        layers = decoder_layers(drafter.language_model)
+        handles = [layer.register_forward_pre_hook(lambda m, args, kw: entering.append(args[0] if args else kw["hidden_states"]),
+                                                   with_kwargs=True) for layer in layers]
+        handles.append(layers[-1].register_forward_hook(lambda m, a, out: leaving.append(out)))
+        totals = torch.zeros(NUM_LAYERS - n + 1)
+        with torch.no_grad():
+            for batch in batches:
+                entering.clear()
+                leaving.clear()
+                drafter(**{**batch.drafter_kwargs(), "labels": None})
+                boundary = [state[0, -1] for state in entering + leaving]
+                for start in range(NUM_LAYERS - n + 1):
+                    cosine = torch.dot(boundary[start], boundary[start + n]) / (boundary[start].norm() * boundary[start + n].norm())
+                    totals[start] += torch.arccos(cosine.clamp(-1, 1)) / math.pi
+        for handle in handles:
+            handle.remove()
+        hand = totals / len(batches)
+        torch.testing.assert_close(torch.tensor(decision.distances, dtype=torch.float32), hand, atol=1e-5, rtol=0)
+        assert decision.start_layer == int(hand.argmin())
+        assert decision.dropped_layers == list(range(decision.start_layer, decision.start_layer + n))
+
+
+# ---- removing layers --------------------------------------------------------------------------------
+
+
+def test_pruned_lm_equals_skipping_layers_and_generates_with_cache(setup):
+    pair, drafter, _, _ = setup
+    pruned = clone_drafter(drafter).language_model
+    reference = clone_drafter(drafter).language_model
+    original_types = list(pruned.config.layer_types)
+    kept = drop_layers(pruned, [1, 2])
+    assert kept == [0, 3] and len(pruned.model.layers) == pruned.config.num_hidden_layers == NUM_LAYERS - 2
+    assert pruned.config.layer_types == [original_types[0], original_types[3]]
+    assert [layer.self_attn.layer_idx for layer in pruned.model.layers] == [0, 1]
+    for index in (1, 2):
+        reference.model.layers[index] = SkipLayer()
+
+    input_ids = _text_ids(pair)
+    with torch.no_grad():
+        expected = reference(input_ids, use_cache=False).logits
+        torch.testing.assert_close(pruned(input_ids, use_cache=False).logits, expected, atol=1e-5, rtol=1e-5)
+        # Token by token on a KV cache: every step must see the kept layers' own keys and values.
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=pruned.config)
+        prefix = 18
+        steps = [pruned(input_ids[:, :prefix], past_key_values=cache, use_cache=True).logits[:, -1]]
+        for position in range(prefix, input_ids.shape[1]):
+            steps.append(pruned(input_ids[:, position : position + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+        torch.testing.assert_close(torch.stack(steps, dim=1), expected[:, prefix - 1 :], atol=1e-5, rtol=1e-5)
+        generated = pruned.generate(input_ids, max_new_tokens=6, do_sample=False, use_cache=True)
+        reference_generated = reference.generate(input_ids, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(generated, reference_generated)
+
+
+def test_pruned_drafter_round_trips_save_load_with_identical_logits(setup, tmp_path):
+    pair, drafter, _, batches = setup
+    pruned = clone_drafter(drafter)
+    decision = prune_layers(pruned, batches, 2)
+    pruned.save_pretrained(tmp_path / "pruned")
+    loaded = MultimodalDrafter.from_pretrained(tmp_path / "pruned", target=pair.target)
+    assert loaded.language_model.config.num_hidden_layers == NUM_LAYERS - 2
+    assert loaded.language_model.config.layer_types == pruned.language_model.config.layer_types
+    kept = [index for index in range(NUM_LAYERS) if index not in decision.dropped_layers]
+    assert loaded.language_model.config.layer_types == [drafter.language_model.config.layer_types[i] for i in kept]
+    with torch.no_grad():
+        for batch in batches:
+            kwargs = {**batch.drafter_kwargs(), "labels": None}
+            assert torch.equal(loaded(**kwargs).logits, pruned(**kwargs).logits)
+
+
+# ---- sparsity ---------------------------------------------------------------------------------------
+
+
+def test_keep_mask_counts_are_exact():
+    scores = torch.rand(6, 40)
+    for sparsity in (0.5, 0.7):
+        mask = keep_mask(scores, sparsity, "unstructured", "row")
+        assert ((~mask).sum(dim=1) == round(sparsity * 40)).all()
+        # The pruned weights are the lowest-scoring ones of their row.
+        assert (scores.masked_fill(mask, float("inf")).amin(dim=1) <= scores.masked_fill(~mask, float("inf")).amin(dim=1)).all()
+    layer_mask = keep_mask(scores, 0.7, "unstructured", "layer")
+    assert int((~layer_mask).sum()) == round(0.7 * scores.numel())
+    two_four = keep_mask(scores, 0.5, "2:4")
+    assert ((~two_four).reshape(6, 10, 4).sum(dim=-1) == 2).all()
+    with pytest.raises(ValueError, match="divisible by 4"):
+        keep_mask(torch.rand(2, 6), 0.5, "2:4")
+
+
+def test_wanda_input_norms_match_hand_computation(setup):
+    _, drafter, _, batches = setup
+    layer = decoder_layers(drafter.language_model)[0]
+    linears = prunable_linears(drafter.language_model, 0)
+    with torch.no_grad():
+        norms = input_norms(drafter, batches, linears)
+        squares = sum(layer.input_layernorm(drafter.embed(b.input_ids, b.image_features)).pow(2).sum(dim=(0, 1)) for b in batches)
+    torch.testing.assert_close(norms["model.layers.0.self_attn.q_proj"], squares.sqrt(), atol=1e-4, rtol=1e-4)
+    assert torch.equal(norms["model.layers.0.self_attn.q_proj"], norms["model.layers.0.self_attn.v_proj"])
+
+
+@pytest.mark.parametrize("sparsity,pattern", [(0.7, "unstructured"), (0.5, "2:4")])
+def test_sparsity_after_pruning_is_exact_per_layer(setup, sparsity, pattern):
+    _, drafter, _, batches = setup
+    candidate = clone_drafter(drafter)
+    embedding_before = candidate.language_model.get_input_embeddings().weight.clone()
+    masks, decision = prune_sparse(candidate, batches, sparsity, pattern, "wanda")
+    linears = prunable_linears(candidate.language_model)
+    assert len(linears) == 7 * NUM_LAYERS and set(masks.masks) == {f"{name}.weight" for name in linears}
+    for name, module in linears.items():
+        zeros = module.weight == 0
+        assert torch.equal(zeros, ~masks.masks[f"{name}.weight"])
+        if pattern == "2:4":
+            assert (zeros.reshape(module.out_features, -1, 4).sum(dim=-1) == 2).all(), name
+        else:
+            assert (zeros.sum(dim=1) == round(sparsity * module.in_features)).all(), name
+    assert torch.equal(candidate.language_model.get_input_embeddings().weight, embedding_before)
+    assert set(decision.per_layer) == set(masks.masks)
+
+
+def test_masks_stay_fixed_through_recovery_and_survive_save_load(setup, tmp_path):
+    pair, drafter, _, batches = setup
+    candidate = clone_drafter(drafter)
+    masks, _ = prune_sparse(candidate, batches, 0.5, "unstructured", "magnitude")
+    before = {name: module.weight.detach().clone() for name, module in prunable_linears(candidate.language_model).items()}
+    losses = recover(candidate, batches, steps=3, masks=masks, learning_rate=1e-2, weight_decay=0.1, log_every=0)
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    for name, module in prunable_linears(candidate.language_model).items():
+        keep = masks.masks[f"{name}.weight"]
+        assert (module.weight[~keep] == 0).all(), f"{name}: a pruned weight came back"
+        assert not torch.equal(module.weight[keep], before[name][keep]), f"{name}: kept weights did not train"
+    candidate.save_pretrained(tmp_path / "sparse")
+    loaded = MultimodalDrafter.from_pretrained(tmp_path / "sparse", target=pair.target)
+    recovered = SparsityMasks.from_weights(loaded.language_model)
+    assert set(recovered.masks) == set(masks.masks)
+    assert all(torch.equal(recovered.masks[name], masks.masks[name]) for name in masks.masks)
+
+
+# ---- MACs -------------------------------------------------------------------------------------------
+
+
+def test_macs_match_hand_count_and_shrink_by_expected_amounts(setup):
+    pair, drafter, _, batches = setup
+    config = drafter.language_model.config
+    hidden, heads, kv_heads, head_dim, inter = 32, 2, 1, 16, 64
+    assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.intermediate_size) == (hidden, heads, kv_heads, inter)
+    context = 40
+    projections = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2  # q, o + k, v
+    mlp = 3 * hidden * inter
+    window = getattr(config, "sliding_window", None)
+    keys = [min(context, window) if kind == "sliding_attention" else context for kind in config.layer_types]
+    attention_per_layer = [2 * heads * head_dim * k for k in keys]  # scores + values
+    lm_head = hidden * config.vocab_size
+    macs = language_model_macs(drafter.language_model, context)
+    assert macs.attention_projections == NUM_LAYERS * projections and macs.mlp == NUM_LAYERS * mlp
+    assert macs.attention == sum(attention_per_layer) and macs.lm_head == lm_head
+    assert macs.per_token == NUM_LAYERS * (projections + mlp) + sum(attention_per_layer) + lm_head
+    if pair.target.config.model_type == "gemma3":
+        assert keys == [16, 40, 16, 40]
+
+    pruned = clone_drafter(drafter)
+    drop_layers(pruned.language_model, [1, 2])
+    pruned_macs = language_model_macs(pruned.language_model, context)
+    assert macs.per_token - pruned_macs.per_token == 2 * (projections + mlp) + attention_per_layer[1] + attention_per_layer[2]
+
+    half = clone_drafter(drafter)
+    prune_sparse(half, None, 0.5, "2:4", "magnitude")
+    half_macs = language_model_macs(half.language_model, context)
+    assert half_macs.linear * 2 == macs.linear and half_macs.attention == macs.attention and half_macs.lm_head == lm_head
+    sparse = clone_drafter(drafter)
+    prune_sparse(sparse, None, 0.7, "unstructured", "magnitude")
+    # Kept per row: in=32 -> 32 - round(22.4) = 10, in=64 -> 64 - round(44.8) = 19.
+    kept_per_layer = 10 * (heads * head_dim * 2 + kv_heads * head_dim * 2) + 10 * 2 * inter + 19 * hidden
+    assert language_model_macs(sparse.language_model, context).linear == NUM_LAYERS * kept_per_layer
+
+    processed = pair.processor.image_processor(images=[random_image(0)], return_tensors="pt")
+    image_inputs = {name: processed[name] for name in drafter.adapter.image_input_names}
+    with_vision = drafter_macs(drafter, context, image_inputs)
+    image_tokens = 16  # both tiny families: 64x64 image -> 16 image tokens
+    in_dim = drafter.config.vision_feature_dim
+    assert with_vision.projector_per_image == image_tokens * (in_dim * hidden + hidden * hidden)
+    assert with_vision.vision_encoder_per_image > 0 and with_vision.per_token == macs.per_token
+
+
+# ---- recipe and table -------------------------------------------------------------------------------
+
+
+def test_compress_drafter_records_decision_and_macs(setup):
+    _, drafter, _, batches = setup
+    candidate = clone_drafter(drafter)
+    config = CompressConfig(method="layer_prune", num_layers_to_drop=1, calibration_samples=2, recover=True)
+    result = compress_drafter(config, candidate, batches, recovery_batches=batches, recovery_steps=1,
+                              training=TrainingConfig(learning_rate=1e-3, warmup_ratio=0.0, gradient_accumulation_steps=1))
+    report = json.loads(json.dumps(result.to_dict()))
+    assert len(report["decision"]["angular_distances"]) == NUM_LAYERS
+    assert report["decision"]["start_layer"] == min(range(NUM_LAYERS), key=report["decision"]["angular_distances"].__getitem__)
+    assert report["macs_after"]["num_layers"] == NUM_LAYERS - 1 and 0 < result.macs_ratio < 1
+    assert len(result.recovery_losses) == 1
+    with pytest.raises(ValueError, match="no recovery batches"):
+        compress_drafter(CompressConfig(method="sparsity", sparsity=0.5), clone_drafter(drafter), batches)
+
+
+def test_compression_table_with_the_engine(setup):
+    pair, drafter, samples, batches = setup
+    if pair.target.config.model_type != "qwen2_5_vl":
+        pytest.skip("one family is enough for the table's plumbing; the engine is tested on both elsewhere")
+    weights_before = {name: value.clone() for name, value in drafter.language_model.state_dict().items()}
+    variants = (Variant("dense", "dense"), Variant("drop 1 layer", "layer_prune", num_layers_to_drop=1),
+                Variant("2:4 sparse", "sparsity", sparsity=0.5, pattern="2:4"))
+    rows = compression_table(pair.target, drafter, pair.processor, batches, samples[:1], batches, variants=variants,
+                             max_new_tokens=4, recovery_steps=1)
+    assert [(row.variant, row.recovered) for row in rows] == [(v.name, r) for v in variants for r in (False, True)]
+    assert rows[0].macs_ratio == 1.0 and all(row.macs_ratio < 1 for row in rows[2:])
+    assert all(1.0 <= row.mean_accepted_length <= 6.0 for row in rows)
+    assert rows[2].decision["start_layer"] in range(NUM_LAYERS)
+    assert all(torch.equal(value, weights_before[name]) for name, value in drafter.language_model.state_dict().items())
