@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.benchmark == "world" and args.data_root is None:
         samples = _world_samples(args)
     else:
-        samples = load_benchmark(args.benchmark, args.data_root, split=args.split, limit=args.limit)
+        samples = load_benchmark(args.benchmark, args.data_root, split=args.split, limit=args.limit,
+                                 cache_dir=args.out / "decoded_images")
     if not samples:
         raise SystemExit(f"benchmark {args.benchmark!r} has no samples (split={args.split}, limit={args.limit})")
     target, processor = load_target(args.target, dtype=args.dtype)

@@ -1,0 +1,48 @@
+"""`python -m massv.train` (= `massv train`, and `accelerate launch -m massv.train ...`): run one phase.
+
+    python -m massv.train --config configs/qwen2_5_vl_7b.yaml --phase 1
+    accelerate launch -m massv.train --config configs/qwen2_5_vl_7b.yaml --phase 2 --resume
+    python -m massv.train --config configs/tiny.yaml --phase 1 --override phase1.max_steps=5
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from massv.config import load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="massv train", description="Train a MASSV drafter: phase 1 (projector "
+                                     "pretraining) or phase 2 (self-distilled instruction tuning).")
+    parser.add_argument("--config", required=True, help="run config YAML")
+    parser.add_argument("--phase", required=True, choices=("1", "2"), help="1: projector; 2: projector + LM")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. phase1.max_steps=100 data.max_length=1024")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse arguments, load and validate the config (before any model loads), run the phase."""
+    args = build_parser().parse_args(argv)
+    from accelerate import PartialState
+
+    state = PartialState()
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO if state.is_local_main_process else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    config = load_config(args.config, args.override)
+    from massv.train import train_phase
+
+    result = train_phase(config, int(args.phase), resume=args.resume)
+    if state.is_main_process and result.final_path is not None:
+        logging.getLogger("massv.train").info("final drafter: %s", result.final_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""The training loop both phases share: Accelerate, AdamW, warm-up + cosine, clipping, resumable checkpoints.
+
+The loop is plain PyTorch under `accelerate` (`train_loop` below; the step fits on one screen): it works on a
+CPU, one GPU, or many GPUs under `accelerate launch` (DDP). What differs between the phases (which weights
+train, which data, where the result goes) lives in the recipes `phase1.py` and `phase2.py`.
+
+Checkpoints (`<output_dir>/checkpoint-<step>/`, every `save_every_steps` optimizer steps, the last
+`keep_last_checkpoints` kept) hold exactly what is needed to continue as if never stopped:
+
+    trainable.safetensors   the weights that train (frozen weights are rebuilt from the config)
+    optimizer.pt            AdamW moments
+    scheduler.pt            learning-rate schedule position
+    rng_state_<rank>.pt     Python / NumPy / torch (CPU and CUDA) RNG states of every process
+    train_state.json        step, epoch, micro-batches consumed in that epoch, and the data-order fingerprint
+
+A checkpoint is written into a hidden temporary directory and renamed into place, so a job killed mid-save
+leaves the previous checkpoint intact and never a half one. `resume=True` reloads the newest checkpoint,
+replays the same seeded data order and skips the micro-batches already consumed
+(`accelerator.skip_first_batches`); on CPU the resumed run ends with bit-identical weights to an
+uninterrupted one (tested). The data loader draws from its own seeded generator, never from the global RNG,
+so restoring the global RNG state reproduces dropout masks too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from massv.config import TrainingConfig
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAIN_STATE_NAME = "train_state.json"
+TRAINABLE_WEIGHTS = "trainable.safetensors"
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint cannot continue this run (other data order, batch layout or process count)."""
+
+
+@dataclass
+class TrainState:
+    """Where training stands: enough, with the data-order fingerprint, to continue exactly."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` this process consumed
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    """What `train_loop` did: its final state, the mean loss of every optimizer step it ran, and why it ended."""
+
+    state: TrainState
+    max_steps: int
+    step_losses: list[float]  # this process's mean micro-batch loss per optimizer step run by this call
+    finished: bool  # False: stopped by `stop_after_steps` (a simulated interruption)
+
+
+# --------------------------------------------------------------------------------------------------
+# Setup
+# --------------------------------------------------------------------------------------------------
+
+
+def make_accelerator(cfg: TrainingConfig) -> Accelerator:
+    """Accelerator for one phase; TensorBoard logging only when asked for and installed."""
+    from accelerate.utils import is_tensorboard_available
+
+    log_with = None
+    if cfg.tensorboard:
+        if is_tensorboard_available():
+            log_with = "tensorboard"
+        else:
+            logger.warning("tensorboard: true, but TensorBoard is not installed (pip install tensorboard); "
+                           "logging to the console only")
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=log_with,
+        project_dir=cfg.output_dir,
+        # Seeded sampler: epoch e always visits the data in the same order, which is what makes resuming exact.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Name -> parameter for everything that trains (what a checkpoint stores)."""
+    return {name: param for name, param in model.named_parameters() if param.requires_grad}
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable weights; biases and norm weights (1-D) are not decayed."""
+    params = list(trainable_parameters(model).values())
+    if not params:
+        raise ValueError("no trainable parameter: was set_trainable() called?")
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([group for group in groups if group["params"]], lr=cfg.learning_rate)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+def train_loop(accelerator: Accelerator, model: torch.nn.Module, dataset: Dataset, collate_fn: Callable,
+               cfg: TrainingConfig, *, resume: bool = False, num_workers: int = 0,
+               stop_after_steps: int | None = None, run_name: str = "train",
+               tracker_config: Mapping[str, Any] | None = None) -> TrainResult:
+    """Train `model` (its `requires_grad` weights) on `dataset` as `cfg` says; checkpoints go to `cfg.output_dir`.
+
+    `model(**batch)` must return an object with `.loss`. `stop_after_steps` ends the call after that many
+    optimizer steps in total (checkpoints due by then are written): an interruption, for tests.
+    """
+    output_dir = Path(cfg.output_dir)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    dataloader = DataLoader(dataset, batch_size=cfg.per_device_batch_size, collate_fn=collate_fn,
+                            sampler=RandomSampler(dataset, generator=generator), generator=generator,
+                            num_workers=num_workers, pin_memory=torch.cuda.is_available())
+    optimizer = build_optimizer(model, cfg)
+    num_processes = accelerator.num_processes
+    batches_per_epoch = math.ceil(len(dataset) / (cfg.per_device_batch_size * num_processes))
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
+    max_steps = cfg.max_steps or math.ceil(cfg.num_epochs * steps_per_epoch)
+    # A prepared scheduler steps once per process per optimizer step, hence the factor (as in HF examples).
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
+                              num_warmup_steps=math.ceil(cfg.warmup_ratio * max_steps) * num_processes,
+                              num_training_steps=max_steps * num_processes)
+    model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
+    trainable = list(trainable_parameters(accelerator.unwrap_model(model)).values())
+
+    fingerprint = {"dataset_size": len(dataset), "per_device_batch_size": cfg.per_device_batch_size,
+                   "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "num_processes": num_processes,
+                   "seed": cfg.seed, "max_steps": max_steps}
+    state = TrainState(fingerprint=fingerprint)
+    latest = latest_checkpoint(output_dir)
+    if resume and latest is not None:
+        state = load_checkpoint(latest, accelerator, model, optimizer, scheduler, fingerprint)
+    elif resume:
+        logger.warning("--resume: no checkpoint in %s, starting from the beginning", output_dir)
+    elif latest is not None:
+        raise ResumeError(f"{output_dir} already holds {latest.name}: pass --resume to continue that run, or choose "
+                          "another output_dir (or delete it) to start over")
+    if tracker_config is not None and accelerator.log_with:
+        accelerator.init_trackers(run_name, config=_scalar_config(tracker_config))
+    logger.info("%s: %d examples, %d optimizer steps (%d per epoch), %d process(es) x batch %d x accumulation %d",
+                run_name, len(dataset), max_steps, steps_per_epoch, num_processes, cfg.per_device_batch_size,
+                cfg.gradient_accumulation_steps)
+
+    step_losses: list[torch.Tensor] = []
+    window = {"loss": torch.zeros((), device=accelerator.device), "micro": 0,
+              "tokens": torch.zeros((), device=accelerator.device), "start": time.perf_counter()}
+    step_loss, step_micro = torch.zeros((), device=accelerator.device), 0
+    progress = tqdm(total=max_steps, initial=state.step, desc=run_name, unit="step", dynamic_ncols=True,
+                    disable=not accelerator.is_local_main_process)
+    model.train()
+    while state.step < max_steps:
+        dataloader.set_epoch(state.epoch)
+        batches = accelerator.skip_first_batches(dataloader, state.batches_in_epoch) if state.batches_in_epoch else dataloader
+        for batch in batches:
+            # ---- the training step ---------------------------------------------------------------------
+            with accelerator.accumulate(model):
+                loss = model(**batch, use_cache=False).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                optimizer.step()  # a no-op until `gradient_accumulation_steps` micro-batches are in
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            # ---- bookkeeping ---------------------------------------------------------------------------
+            state.batches_in_epoch += 1
+            step_loss, step_micro = step_loss + loss.detach(), step_micro + 1
+            window["tokens"] += batch["attention_mask"].sum()
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            step_losses.append(step_loss / step_micro)
+            window["loss"], window["micro"] = window["loss"] + step_loss, window["micro"] + step_micro
+            step_loss, step_micro = torch.zeros((), device=accelerator.device), 0
+            progress.update(1)
+            if state.step % cfg.log_every_steps == 0 or state.step == max_steps:
+                _log(accelerator, window, scheduler.get_last_lr()[0], state.step, progress)
+            if cfg.save_every_steps and state.step % cfg.save_every_steps == 0 and state.step < max_steps:
+                save_checkpoint(output_dir, state, accelerator, model, optimizer, scheduler, cfg.keep_last_checkpoints)
+            if state.step >= max_steps or (stop_after_steps is not None and state.step >= stop_after_steps):
+                break
+        else:  # the epoch ran out before max_steps
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            continue
+        break
+    progress.close()
+    losses = torch.stack(step_losses).tolist() if step_losses else []
+    return TrainResult(state=state, max_steps=max_steps, step_losses=losses, finished=state.step >= max_steps)
+
+
+def _log(accelerator: Accelerator, window: dict[str, Any], lr: float, step: int, progress: tqdm) -> None:
+    """Loss (mean over the window's micro-batches and processes), learning rate and tokens/s since the last log."""
+    elapsed = max(time.perf_counter() - window["start"], 1e-9)
+    loss = accelerator.reduce(window["loss"] / max(window["micro"], 1), reduction="mean").item()
+    tokens = accelerator.reduce(window["tokens"], reduction="sum").item()
+    metrics = {"train/loss": loss, "train/lr": lr, "train/tokens_per_second": tokens / elapsed}
+    logger.info("step %d: loss %.4f, lr %.3g, %.0f tokens/s", step, loss, lr, tokens / elapsed)
+    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+    accelerator.log(metrics, step=step)
+    window.update(loss=torch.zeros_like(window["loss"]), micro=0, tokens=torch.zeros_like(window["tokens"]),
+                  start=time.perf_counter())
+
+
+def _scalar_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flattened scalar config for the tracker's hyper-parameter table."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_scalar_config(value, f"{name}."))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[name] = value
+        elif value is not None:
+            flat[name] = str(value)
+    return flat
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def checkpoint_dirs(output_dir: str | os.PathLike[str]) -> list[Path]:
+    """Finished checkpoints, oldest first (temporary directories of interrupted saves are not listed)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in output_dir.iterdir():
+        match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", path.name)
+        if match and (path / TRAIN_STATE_NAME).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
+    found = checkpoint_dirs(output_dir)
+    return found[-1] if found else None
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(output_dir: Path, state: TrainState, accelerator: Accelerator, model: torch.nn.Module,
+                    optimizer: Any, scheduler: Any, keep_last: int | None) -> Path:
+    """Write `checkpoint-<step>` atomically (temporary directory + rename) and drop the oldest beyond `keep_last`."""
+    final = output_dir / f"{CHECKPOINT_PREFIX}{state.step}"
+    staging = output_dir / f".{final.name}.tmp"
+    if accelerator.is_main_process:
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), staging / f"rng_state_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        weights = {name: param.detach().contiguous().cpu()
+                   for name, param in trainable_parameters(accelerator.unwrap_model(model)).items()}
+        save_file(weights, str(staging / TRAINABLE_WEIGHTS))
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+        (staging / TRAIN_STATE_NAME).write_text(json.dumps(asdict(state), indent=2, sort_keys=True))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        if keep_last is not None:
+            for old in checkpoint_dirs(output_dir)[:-keep_last]:
+                shutil.rmtree(old)
+        logger.info("saved %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(path: Path, accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+                    fingerprint: Mapping[str, Any]) -> TrainState:
+    """Restore weights, optimizer, scheduler and RNG from `path`; refuse if the data order would differ."""
+    saved = json.loads((path / TRAIN_STATE_NAME).read_text())
+    state = TrainState(**saved)
+    differences = {key: (state.fingerprint.get(key), value) for key, value in fingerprint.items()
+                   if state.fingerprint.get(key) != value}
+    if differences:
+        detail = ", ".join(f"{key}: checkpoint {old!r}, now {new!r}" for key, (old, new) in differences.items())
+        raise ResumeError(f"cannot resume from {path}: {detail}. Resuming needs the same data, batch layout, "
+                          "seed and number of processes, or the data order (and the result) would differ.")
+    unwrapped = accelerator.unwrap_model(model)
+    params = trainable_parameters(unwrapped)
+    weights = load_file(str(path / TRAINABLE_WEIGHTS))
+    if set(weights) != set(params):
+        missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+        raise ResumeError(f"{path} trains other weights than this run (missing {missing[:5]}, unexpected "
+                          f"{unexpected[:5]}): was it written by the other phase or with other LoRA settings?")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(weights[name].to(device=param.device, dtype=param.dtype))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
+    rng_file = path / f"rng_state_{accelerator.process_index}.pt"
+    _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    logger.info("resumed from %s: step %d, epoch %d, %d micro-batches into it", path, state.step, state.epoch,
+                state.batches_in_epoch)
+    return state
