@@ -47,7 +47,7 @@ class SkipLayer(nn.Module):
 @pytest.fixture(scope="module", params=FAMILIES)
 def setup(request):
     """A 4-layer drafter (never modified: tests work on clones) and two prepared calibration samples."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # tiny matrices: a second thread only adds synchronisation on a shared 2-core machine
     pair = build_tiny_pair(request.param, seed=0, drafter_kwargs={"num_layers": NUM_LAYERS})
     drafter = MultimodalDrafter.from_target(pair.target, pair.drafter_lm, len(pair.tokenizer))
     samples = [Sample("What colour is the square?", random_image(0), "The square is blue."),
@@ -308,3 +308,45 @@ def test_compression_table_with_the_engine(setup):
     assert all(1.0 <= row.mean_accepted_length <= 6.0 for row in rows)
     assert rows[2].decision["start_layer"] in range(NUM_LAYERS)
     assert all(torch.equal(value, weights_before[name]) for name, value in drafter.language_model.state_dict().items())
+
+
+def test_compress_command_end_to_end(tmp_path):
+    """`massv compress --config`: load target + drafter from disk, calibrate on distilled data, prune, recover, save."""
+    pytest.importorskip("massv.loading")
+    pytest.importorskip("massv.train.data")
+    import yaml
+
+    from massv.compress.recipe import REPORT_NAME, main
+
+    pair = build_tiny_pair("qwen2_5_vl", seed=0, drafter_kwargs={"num_layers": 2})
+    drafter = MultimodalDrafter.from_target(pair.target, pair.drafter_lm, len(pair.tokenizer))
+    pair.target.save_pretrained(tmp_path / "target")
+    pair.processor.save_pretrained(tmp_path / "target")
+    drafter.save_pretrained(tmp_path / "drafter")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "distilled").mkdir()
+    records = []
+    for index, (question, answer) in enumerate([("What colour is the square?", "The square is blue."),
+                                                ("How many triangles are there?", "There are three triangles.")]):
+        random_image(index).save(tmp_path / "images" / f"{index}.png")
+        records.append({"id": str(index), "image": f"{index}.png", "conversations": [
+            {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
+    (tmp_path / "distilled" / "shard0.jsonl").write_text("\n".join(json.dumps(record) for record in records))
+    config = {
+        "model": {"target": str(tmp_path / "target"), "drafter_lm": str(tmp_path / "drafter"), "torch_dtype": "float32"},
+        "data": {"distilled_dir": str(tmp_path / "distilled"), "instruct_image_root": str(tmp_path / "images"),
+                 "max_length": 256, "num_workers": 0},
+        "phase2": {"max_steps": 1, "per_device_batch_size": 1, "gradient_accumulation_steps": 1, "mixed_precision": "no"},
+        "compress": {"method": "sparsity", "pattern": "2:4", "calibration_samples": 2, "recover": True},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+
+    assert main(["--config", str(tmp_path / "run.yaml"), "--drafter", str(tmp_path / "drafter"),
+                 "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
+    assert report["decision"]["pattern"] == "2:4" and len(report["recovery_losses"]) == 1
+    assert set(report["decision"]["measured_sparsity_per_weight"].values()) == {0.5}
+    assert report["macs_after"]["vision_encoder_per_image"] > 0 and report["macs_ratio"] < 1
+    loaded = MultimodalDrafter.from_pretrained(tmp_path / "out", target=pair.target)
+    for module in prunable_linears(loaded.language_model).values():
+        assert ((module.weight == 0).reshape(module.out_features, -1, 4).sum(dim=-1) == 2).all()

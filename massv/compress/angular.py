@@ -169,6 +169,8 @@ def drop_layers(language_model: nn.Module, layer_indices: Iterable[int]) -> list
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         config.layer_types = [layer_types[index] for index in kept]
+        if hasattr(language_model.model, "has_sliding_layers"):  # Qwen2 builds sliding masks only if needed
+            language_model.model.has_sliding_layers = "sliding_attention" in config.layer_types
     # Qwen2 derives sliding layers from max_window_layers when layer_types is absent; keep it consistent.
     if getattr(config, "max_window_layers", None) is not None:
         config.max_window_layers = sum(1 for index in kept if index < config.max_window_layers)

@@ -112,6 +112,9 @@ def compress_drafter(config: CompressConfig | RunConfig, drafter: MultimodalDraf
             raise ValueError("compress.recover is true but no recovery batches (self-distilled answers) were given; "
                              "pass recovery_batches or set compress.recover: false")
         training = training or TrainingConfig()
+        if training.lora is not None:
+            logger.warning("recovery fine-tunes all drafter LM weights; the phase-2 LoRA settings are ignored "
+                           "(merged low-rank updates would be dense and undo the sparsity)")
         if recovery_steps is None:
             recovery_steps = training.max_steps or _one_pass_steps(recovery_batches, training)
         losses = recover(drafter, recovery_batches, recovery_steps, masks=masks, learning_rate=training.learning_rate,
@@ -184,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     target, processor = load_target(config.model.target, config.model.torch_dtype, args.device)
     drafter_path = Path(args.drafter or config.phase2.output_dir)
     drafter = MultimodalDrafter.from_pretrained(drafter_path, target=target).to(args.device)
+    # Calibrate and fine-tune in float32 (Wanda's norms, AdamW updates); save in the dtype it came in.
+    saved_dtype = drafter.dtype
+    drafter.language_model.float()
+    drafter.projector.float()
     out_dir = Path(args.out) if args.out else drafter_path.with_name(f"{drafter_path.name}-{_variant_tag(config.compress)}")
 
     records = _load_distilled_records(Path(args.data or config.data.distilled_dir),
@@ -200,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
 
     result = compress_drafter(config, drafter, calibration, recovery_batches=recovery_batches,
                               context_length=args.context_length, image_inputs=first_image, tokens=args.tokens)
+    drafter.language_model.to(saved_dtype)
+    drafter.projector.to(saved_dtype)
     drafter.save_pretrained(out_dir)
     save_resolved_config(config, out_dir)
     report = {"drafter": str(drafter_path), "output": str(out_dir), **result.to_dict()}
