@@ -241,7 +241,7 @@ def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path: Path, 
     final_b = MultimodalDrafter.from_pretrained(resumed.final_path)
     assert same(snapshot(final_a), snapshot(final_b))
 
-    with pytest.raises(ResumeError, match="already holds checkpoint-4"):  # no silent restart over a run
+    with pytest.raises(ResumeError, match="already holds checkpoint-"):  # no silent restart over a run
         run(tmp_path / "b")
     config_other_batch = settings + ["phase2.per_device_batch_size=3"]
     with pytest.raises(ResumeError, match="per_device_batch_size"):
