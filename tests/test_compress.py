@@ -312,8 +312,7 @@ def test_compression_table_with_the_engine(setup):
 
 def test_compress_command_end_to_end(tmp_path):
     """`massv compress --config`: load target + drafter from disk, calibrate on distilled data, prune, recover, save."""
-    pytest.importorskip("massv.loading")
-    pytest.importorskip("massv.train.data")
+    pytest.importorskip("massv.train.builders")
     import yaml
 
     from massv.compress.recipe import REPORT_NAME, main
@@ -324,25 +323,23 @@ def test_compress_command_end_to_end(tmp_path):
     pair.processor.save_pretrained(tmp_path / "target")
     drafter.save_pretrained(tmp_path / "drafter")
     (tmp_path / "images").mkdir()
-    (tmp_path / "distilled").mkdir()
     records = []
     for index, (question, answer) in enumerate([("What colour is the square?", "The square is blue."),
                                                 ("How many triangles are there?", "There are three triangles.")]):
         random_image(index).save(tmp_path / "images" / f"{index}.png")
         records.append({"id": str(index), "image": f"{index}.png", "conversations": [
             {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
-    (tmp_path / "distilled" / "shard0.jsonl").write_text("\n".join(json.dumps(record) for record in records))
+    (tmp_path / "answers.jsonl").write_text("\n".join(json.dumps(record) for record in records))
     config = {
         "model": {"target": str(tmp_path / "target"), "drafter_lm": str(tmp_path / "drafter"), "torch_dtype": "float32"},
-        "data": {"distilled_dir": str(tmp_path / "distilled"), "instruct_image_root": str(tmp_path / "images"),
-                 "max_length": 256, "num_workers": 0},
+        "data": {"instruct_image_root": str(tmp_path / "images"), "max_length": 256, "num_workers": 0},
         "phase2": {"max_steps": 1, "per_device_batch_size": 1, "gradient_accumulation_steps": 1, "mixed_precision": "no"},
         "compress": {"method": "sparsity", "pattern": "2:4", "calibration_samples": 2, "recover": True},
     }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
 
     assert main(["--config", str(tmp_path / "run.yaml"), "--drafter", str(tmp_path / "drafter"),
-                 "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+                 "--data", str(tmp_path / "answers.jsonl"), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
     report = json.loads((tmp_path / "out" / REPORT_NAME).read_text())
     assert report["decision"]["pattern"] == "2:4" and len(report["recovery_losses"]) == 1
     assert set(report["decision"]["measured_sparsity_per_weight"].values()) == {0.5}

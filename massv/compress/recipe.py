@@ -149,26 +149,28 @@ def _variant_tag(compress: CompressConfig) -> str:
     return f"sparse{round(100 * (compress.sparsity or 0))}"
 
 
-def _load_distilled_records(path: Path, image_root: str | None) -> Any:
-    """LLaVA JSON/JSONL file, or a folder of them (the self-distillation shards), as one dataset."""
-    from datasets import concatenate_datasets
-
+def _load_records(config: RunConfig, data: str | None, image_root: str | None) -> Any:
+    """Phase 2's own data (the finished self-distillation run) unless `--data` names a LLaVA file or distill folder."""
+    from massv.train.builders import load_phase_records
+    from massv.train.distill import load_distilled_records
     from massv.train.llava_data import load_llava_records
 
-    files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl")) if path.is_dir() else [path]
-    if not files:
-        raise FileNotFoundError(f"no .json/.jsonl files in {path}: run `massv distill` first or pass --data")
-    datasets = [load_llava_records(file, image_root, require_image=False, verify_images=False)[0] for file in files]
-    return concatenate_datasets(datasets)
+    if data is None:
+        return load_phase_records(config, 2)[0]
+    root = image_root or config.data.instruct_image_root
+    if Path(data).is_dir():
+        return load_distilled_records(data, root, strict=config.data.strict_images, num_workers=config.data.num_workers)[0]
+    return load_llava_records(data, root, strict=config.data.strict_images, require_image=False,
+                              num_workers=config.data.num_workers)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `massv compress`."""
     parser = argparse.ArgumentParser(prog="massv compress", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="run config YAML with a 'compress' section")
-    parser.add_argument("--drafter", help="trained MASSV drafter directory (default: phase2.output_dir)")
-    parser.add_argument("--out", help="output directory (default: <drafter>-<method tag>)")
-    parser.add_argument("--data", help="LLaVA JSON/JSONL file or folder of self-distilled answers (default: data.distilled_dir)")
+    parser.add_argument("--drafter", help="trained MASSV drafter directory (default: <phase2.output_dir>/final)")
+    parser.add_argument("--out", help="output directory (default: <drafter or phase2.output_dir>-<method tag>, e.g. outputs/phase2-drop2)")
+    parser.add_argument("--data", help="LLaVA JSON/JSONL file, or a `massv distill` output folder (default: data.distilled_dir)")
     parser.add_argument("--image-root", help="image folder for --data (default: data.instruct_image_root)")
     parser.add_argument("--context-length", type=int, help="context length for MACs (default: mean calibration length)")
     parser.add_argument("--tokens", choices=("last", "all"), default="last",
@@ -179,24 +181,24 @@ def main(argv: list[str] | None = None) -> int:
 
     from massv.config import load_config, save_resolved_config
     from massv.loading import load_target
-    from massv.train.data import DrafterCollator, DrafterDataset, pad_token_id
+    from massv.train.builders import build_train_dataset, final_dir
 
     config = load_config(args.config, args.overrides)
     if config.compress is None:
         parser.error(f"{args.config} has no 'compress' section")
     target, processor = load_target(config.model.target, config.model.torch_dtype, args.device)
-    drafter_path = Path(args.drafter or config.phase2.output_dir)
+    # Phase 2 writes its finished drafter to <phase2.output_dir>/final; the output defaults to a sibling.
+    named = Path(args.drafter) if args.drafter else Path(config.phase2.output_dir)
+    drafter_path = named if args.drafter else final_dir(named)
     drafter = MultimodalDrafter.from_pretrained(drafter_path, target=target).to(args.device)
     # Calibrate and fine-tune in float32 (Wanda's norms, AdamW updates); save in the dtype it came in.
     saved_dtype = drafter.dtype
     drafter.language_model.float()
     drafter.projector.float()
-    out_dir = Path(args.out) if args.out else drafter_path.with_name(f"{drafter_path.name}-{_variant_tag(config.compress)}")
+    out_dir = Path(args.out) if args.out else named.with_name(f"{named.name}-{_variant_tag(config.compress)}")
 
-    records = _load_distilled_records(Path(args.data or config.data.distilled_dir),
-                                      args.image_root or config.data.instruct_image_root)
-    dataset = DrafterDataset(records, processor, drafter.adapter, config.data.max_length, config.data.strict_images)
-    collator = DrafterCollator(pad_token_id(processor), drafter.adapter.image_input_names)
+    records = _load_records(config, args.data, args.image_root)
+    dataset, collator = build_train_dataset(config, records, processor, drafter)
     calibration = [collator([dataset[index]]) for index in range(min(config.compress.calibration_samples, len(dataset)))]
     first_image = next((batch["image_inputs"] for batch in calibration if batch.get("image_inputs")), None)
     recovery_batches = torch.utils.data.DataLoader(
