@@ -152,6 +152,11 @@ class _DrafterSession:
         self.cached = self.cached[:common]
         return sequence[common:]
 
+    def rollback(self, num_tokens: int) -> None:
+        """Forget the last `num_tokens` fed (only tokens fed since the last `sync`/`rollback`)."""
+        self._crop(num_tokens)
+        self.cached = self.cached[: len(self.cached) - num_tokens]
+
     def forward(self, tokens: list[int]) -> torch.Tensor:
         """Feed `tokens` after the cached ones; returns the float logits for the next position."""
         is_prompt = not self.cached
@@ -395,11 +400,11 @@ class SpeculativeGenerator:
                 clock = now
             if settings.greedy:
                 token = int(logits.argmax())
-            else:
+            else:  # sampled from the drafter's warped q, which the acceptance rule needs in full
                 q = probs_from_scores(warpers(None, logits.unsqueeze(0))[0])
                 token = sampling_rules.sample(q, generator)
-                q_full = torch.zeros(vocab_size, dtype=q.dtype, device=q.device)
-                q_full[: q.shape[0]] = q  # zero outside the draftable ids
+                q_full = torch.zeros(vocab_size, dtype=q.dtype, device=self.target.device)
+                q_full[: q.shape[0]] = q.to(q_full.device)  # zero outside the draftable ids
                 draft_probs.append(q_full)
             drafts.append(token)
             pending = [token]
