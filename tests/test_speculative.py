@@ -132,6 +132,25 @@ def test_generate_from_images_and_prompt(setup: FamilySetup) -> None:
     assert output.stats.to_dict()["new_tokens"] == 9
 
 
+def test_unset_settings_follow_target_generation_config(setup: FamilySetup) -> None:
+    """A repetition penalty in the generation config is applied by a bare target.generate(): by us too."""
+    target, inputs = setup.pair.target, setup.cases[5]
+    original = target.generation_config.repetition_penalty
+    target.generation_config.repetition_penalty = 1.5
+    try:
+        output = target.generate(**inputs, do_sample=False, max_new_tokens=17)
+        expected = output[0, inputs["input_ids"].shape[1]:].tolist()
+        generator = SpeculativeGenerator(target, TargetAsDrafter(target), setup.pair.processor)
+        assert generator.resolve_settings(0.0).repetition_penalty == 1.5
+        got = generator.generate_from_inputs(inputs, max_new_tokens=17, num_draft_tokens=3).generated_ids[0].tolist()
+    finally:
+        target.generation_config.repetition_penalty = original
+    assert got == expected
+    assert expected != setup.reference(inputs, 17), "the penalty should change this output, or the test shows nothing"
+    assert generator.resolve_settings(0.7).top_k == 50  # generate()'s default when nothing sets top_k
+    assert generator.resolve_settings(0.7, top_k=0).top_k == 0
+
+
 # ---- end of sequence inside a block -----------------------------------------------------------------
 @pytest.mark.parametrize("drafter_kind", ["target-copy", "text", "multimodal"])
 def test_stops_exactly_at_eos_inside_a_block(setup: FamilySetup, drafter_kind: str) -> None:

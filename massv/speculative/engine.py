@@ -56,6 +56,20 @@ class SpeculativeOutput:
     generated_ids: torch.Tensor  # (1, new_tokens)
     text: str | None
     stats: GenerationStats
+    settings: SamplingConfig | None = None  # the warping actually applied (unset arguments resolved)
+
+
+def _hf_generation_defaults() -> dict[str, Any]:
+    """The values `generate()` falls back to when neither the call nor the generation config sets them."""
+    defaults = {"top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
+    try:
+        from transformers import GenerationConfig
+
+        defaults.update({key: value for key, value in GenerationConfig._get_default_generation_params().items()
+                         if key in defaults})
+    except AttributeError:  # older/newer transformers without the helper: HF's documented defaults above
+        pass
+    return defaults
 
 
 def _new_cache(model: PreTrainedModel) -> DynamicCache:
@@ -278,24 +292,25 @@ class SpeculativeGenerator:
         max_new_tokens: int = 128,
         num_draft_tokens: int = 4,
         temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        repetition_penalty: float = 1.0,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
         seed: int | None = None,
         eos_token_id: int | list[int] | None = None,
     ) -> SpeculativeOutput:
         """Generate from the exact tensors one would give `target.generate(**processor_outputs, ...)`.
 
-        Greedy (`temperature=0`) equals `target.generate(do_sample=False, max_new_tokens=N)`; sampling has the
-        distribution of `target.generate(do_sample=True, temperature, top_k, top_p, repetition_penalty)`
-        (`top_k=0` here means none: pass `top_k` to both). `eos_token_id` defaults to the target's
-        generation config, as in `generate()`.
+        Greedy (`temperature=0`) equals `target.generate(do_sample=False, max_new_tokens=N)` token for token;
+        sampling has the distribution of `target.generate(do_sample=True, temperature=T, max_new_tokens=N)`.
+        `top_p`, `top_k`, `repetition_penalty` and `eos_token_id` left as None take the values `generate()`
+        would use: the target's generation config, else Hugging Face's defaults (note: top_k=50 when
+        sampling). Pass `top_k=0` to disable top-k. Batch size 1.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if num_draft_tokens < 0:
             raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
-        settings = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+        settings = self.resolve_settings(temperature, top_p, top_k, repetition_penalty)
         device = self.target.device
         input_ids = processor_outputs["input_ids"].to(device)
         if input_ids.shape[0] != 1:
@@ -375,7 +390,8 @@ class SpeculativeGenerator:
         logger.debug("generated %d tokens in %d verification steps (MAL %.2f, α %.2f)", stats.new_tokens,
                      stats.verification_steps, stats.mean_accepted_length, stats.acceptance_rate)
         return SpeculativeOutput(
-            sequences=torch.cat([input_ids, new_ids], dim=1), generated_ids=new_ids, text=text, stats=stats
+            sequences=torch.cat([input_ids, new_ids], dim=1), generated_ids=new_ids, text=text, stats=stats,
+            settings=settings,
         )
 
     # ---- drafting -----------------------------------------------------------------------------------
@@ -436,6 +452,23 @@ class SpeculativeGenerator:
         return _LanguageModelSession(self.drafter, text_prompt, draftable, rows, replacement_id, None)
 
     # ---- helpers ------------------------------------------------------------------------------------
+    def resolve_settings(self, temperature: float, top_p: float | None = None, top_k: int | None = None,
+                         repetition_penalty: float | None = None) -> SamplingConfig:
+        """Fill unset values as `generate()` does: target generation config first, then HF's defaults."""
+        config = self.target.generation_config
+        defaults = _hf_generation_defaults()
+
+        def pick(name: str, value: Any) -> Any:
+            if value is not None:
+                return value
+            configured = getattr(config, name, None)
+            return configured if configured is not None else defaults[name]
+
+        return SamplingConfig(
+            temperature=temperature, top_p=float(pick("top_p", top_p)), top_k=int(pick("top_k", top_k)),
+            repetition_penalty=float(pick("repetition_penalty", repetition_penalty)),
+        )
+
     @staticmethod
     def _choose(scores: torch.Tensor, settings: SamplingConfig, generator: torch.Generator | None) -> int:
         if settings.greedy:
@@ -454,14 +487,14 @@ class SpeculativeGenerator:
         config = self.target.generation_config
         differing = {
             name: getattr(config, name, None)
-            for name in ("repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens",
+            for name in ("no_repeat_ngram_size", "bad_words_ids", "suppress_tokens",
                          "begin_suppress_tokens", "min_new_tokens", "min_length", "sequence_bias", "forced_bos_token_id",
                          "forced_eos_token_id", "min_p", "typical_p")
             if getattr(config, name, None) not in (None, 0, 1.0, [])
         }
         if differing:
             logger.warning(
-                "the target's generation config sets %s; SpeculativeGenerator applies only temperature, top_k, "
-                "top_p and repetition_penalty (pass them explicitly). Compare with target.generate() under the "
-                "same explicit settings.", differing,
+                "the target's generation config sets %s, which target.generate() applies but SpeculativeGenerator "
+                "does not (it applies temperature, top_k, top_p and repetition_penalty); compare the two with these "
+                "unset, e.g. target.generate(..., no_repeat_ngram_size=0).", differing,
             )

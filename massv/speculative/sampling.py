@@ -26,8 +26,8 @@ from transformers.generation.logits_process import (
 class SamplingConfig:
     """How the next token is chosen; `temperature == 0` means greedy (argmax), as `do_sample=False`.
 
-    `top_k=0` disables top-k. NOTE: `target.generate(do_sample=True)` silently applies top_k=50 when the
-    generation config does not set it; pass the same `top_k` to both to compare them.
+    `top_k=0` disables top-k. (`target.generate(do_sample=True)` applies top_k=50 when neither the call nor
+    the generation config sets it; `SpeculativeGenerator.resolve_settings` fills unset values the same way.)
     """
 
     temperature: float = 0.0
