@@ -32,20 +32,11 @@ from massv.train.distill import generate_responses
 from massv.train.llava_data import ImageError
 from massv.train.loop import ResumeError, checkpoint_dirs
 from tests.conftest import random_image
-from tests.helpers_train import REPO, TINY_CONFIG, build_pair, tiny_config, turn, write_llava
+from tests.helpers_train import REPO, TINY_CONFIG, build_pair, one_thread, tiny_config, turn, write_llava  # noqa: F401
 
 FAMILIES = ("qwen2_5_vl", "gemma3")
 CONVERSATION = [turn("human", "<image>\nWhat colour is the square?"), turn("gpt", "The square is blue."),
                 turn("human", "How many triangles are there?"), turn("gpt", "There are three.")]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared CPU: one thread is several times faster than two (no thread hand-offs)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def fresh_drafter(pair, config) -> MultimodalDrafter:
@@ -299,25 +290,42 @@ def test_release_configs_follow_the_paper() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_accelerate_launch_runs_both_phases_on_cpu(tmp_path: Path) -> None:
+def _overrides(tmp_path: Path, data_json: Path, image_root: Path) -> list[str]:
+    return [f"data.pretrain_json={data_json}", f"data.pretrain_image_root={image_root}",
+            f"data.instruct_json={data_json}", f"data.instruct_image_root={image_root}",
+            f"data.distilled_dir={tmp_path / 'distilled'}", f"phase1.output_dir={tmp_path / 'phase1'}",
+            f"phase2.output_dir={tmp_path / 'phase2'}", "phase1.max_steps=2", "phase2.max_steps=2",
+            "distill.max_new_tokens=4"]
+
+
+def _run(command: list[str], cwd: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def test_accelerate_launch_phase1_on_cpu(tmp_path: Path) -> None:
     data_json, image_root = write_llava(tmp_path, 4)
-    overrides = [f"data.pretrain_json={data_json}", f"data.pretrain_image_root={image_root}",
-                 f"data.instruct_json={data_json}", f"data.instruct_image_root={image_root}",
-                 f"data.distilled_dir={tmp_path / 'distilled'}", f"phase1.output_dir={tmp_path / 'phase1'}",
-                 f"phase2.output_dir={tmp_path / 'phase2'}", "phase1.max_steps=2", "phase2.max_steps=2",
-                 "distill.max_new_tokens=4"]
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "2"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    commands = [
-        launch + ["-m", "massv.train", "--config", str(TINY_CONFIG), "--phase", "1", "--override", *overrides],
-        [sys.executable, "-m", "massv.train.distill", "--config", str(TINY_CONFIG), "--override", *overrides],
-        launch + ["-m", "massv.train", "--config", str(TINY_CONFIG), "--phase", "2", "--override", *overrides],
-    ]
-    for command in commands:
-        completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-        assert completed.returncode == 0, completed.stderr[-3000:]
-    for phase in ("phase1", "phase2"):
-        drafter = MultimodalDrafter.from_pretrained(tmp_path / phase / "final", target=build_tiny_pair("qwen2_5_vl").target)
-        assert drafter.config.family == "qwen2_5_vl"
+    _run(LAUNCH + ["-m", "massv.train", "--config", str(TINY_CONFIG), "--phase", "1",
+                   "--override", *_overrides(tmp_path, data_json, image_root)], tmp_path)
+    drafter = MultimodalDrafter.from_pretrained(tmp_path / "phase1" / "final", target=build_tiny_pair("qwen2_5_vl").target)
+    assert drafter.config.family == "qwen2_5_vl"
+    assert (tmp_path / "phase1" / "resolved_config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_phase1_distill_phase2_on_cpu(tmp_path: Path) -> None:
+    data_json, image_root = write_llava(tmp_path, 4)
+    overrides = _overrides(tmp_path, data_json, image_root)
+    _run(LAUNCH + ["-m", "massv.train", "--config", str(TINY_CONFIG), "--phase", "1", "--override", *overrides], tmp_path)
+    _run([sys.executable, str(REPO / "data_prep" / "generate_responses.py"), "--config", str(TINY_CONFIG),
+          "--override", *overrides], tmp_path)
+    _run(LAUNCH + ["-m", "massv.train", "--config", str(TINY_CONFIG), "--phase", "2", "--override", *overrides], tmp_path)
+    target = build_tiny_pair("qwen2_5_vl").target
+    phase1 = MultimodalDrafter.from_pretrained(tmp_path / "phase1" / "final", target=target)
+    phase2 = MultimodalDrafter.from_pretrained(tmp_path / "phase2" / "final", target=target)
+    assert not torch.equal(phase1.projector.layers[0].weight, phase2.projector.layers[0].weight)

@@ -333,19 +333,18 @@ def generate_responses(config: RunConfig, *, target: PreTrainedModel | None = No
         for shard, indices in pending.items():
             final_path = output_dir / SHARD_PATTERN.format(shard)
             partial_path = final_path.with_name(final_path.name + PARTIAL_SUFFIX)
-            for start in range(0, len(indices), settings.batch_size):
-                if max_items is not None and result.generated >= max_items:
-                    return result
-                batch_indices = indices[start:start + settings.batch_size]
-                if max_items is not None:
-                    batch_indices = batch_indices[: max_items - result.generated]
+            todo = indices if max_items is None else indices[: max_items - result.generated]
+            for start in range(0, len(todo), settings.batch_size):
                 batch = [{**records[index], "source_index": index,
-                          "image": _relative_image(records[index]["image_path"], image_root)} for index in batch_indices]
+                          "image": _relative_image(records[index]["image_path"], image_root)}
+                         for index in todo[start:start + settings.batch_size]]
                 answered = answer_records(batch, target, processor, adapter, generation_config,
                                           settings.all_turns, settings.seed)
                 _append_records(partial_path, answered)
                 result.generated += len(answered)
                 progress.update(len(answered))
+            if len(todo) < len(indices):  # stopped by max_items: the shard stays partial
+                return result
             _finish_shard(partial_path, final_path, shard_ranges[shard])
             result.shards_written.append(final_path.name)
     finally:
