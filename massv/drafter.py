@@ -61,10 +61,12 @@ class MultimodalDrafterConfig:
             raise ValueError(f"projector_layers must be >= 1, got {self.projector_layers}")
 
     def to_json(self) -> str:
+        """Sorted, indented JSON: diffs between saved drafters stay readable."""
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> MultimodalDrafterConfig:
+        """Parse a saved config; an unknown key is an error rather than silently ignored."""
         data = json.loads(text)
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
@@ -198,10 +200,12 @@ class MultimodalDrafter(nn.Module):
     # ---- forward ------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
+        """Where inputs must go: the LM's device (the shared vision encoder may live with the target)."""
         return self.language_model.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The LM's compute dtype, as HF models expose it."""
         return self.language_model.dtype
 
     @torch.no_grad()
@@ -229,6 +233,7 @@ class MultimodalDrafter(nn.Module):
 
     @property
     def projector_dtype(self) -> torch.dtype:
+        """Features are cast to this before projection (the projector may be kept in fp32 for training)."""
         return next(self.projector.parameters()).dtype
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -166,6 +166,7 @@ class TinyPair:
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerFast:
+        """The tokenizer both models share (the processor's)."""
         return self.processor.tokenizer
 
 

@@ -35,6 +35,7 @@ class Gemma3Adapter(FamilyAdapter):
 
     @property
     def tokens_per_image(self) -> int:
+        """Soft tokens per image (256 in the real checkpoints): fixed, unlike Qwen2.5-VL's."""
         return int(self.target_config.mm_tokens_per_image)
 
     def vision_modules(self, target: nn.Module) -> dict[str, nn.Module]:
