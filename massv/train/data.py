@@ -24,6 +24,7 @@ vision features spliced into it.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,7 +65,9 @@ def build_messages(conversations: Sequence[Mapping[str, str]], has_image: bool,
             num_images = 1 if has_image and index == 0 else 0
             messages += adapter.user_messages(strip_image_placeholder(turn["value"]), num_images=num_images)
         elif turn["from"] == GPT:
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": turn["value"]}]})
+            # Stripped like the target's generated answers: leading newlines would tokenize differently
+            # right after the generation prompt than on their own, breaking the prefix property.
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": turn["value"].strip()}]})
         else:
             raise ConversationFormatError(f"turn {index} is from {turn['from']!r}; expected 'human' or 'gpt'")
     return messages
@@ -210,6 +213,8 @@ def _check_example(record: Mapping[str, Any], processor: ProcessorMixin, adapter
     except ExampleDropped:
         row["drop_reason"] = "too_long"
         return row
+    except ConversationFormatError as error:
+        raise ConversationFormatError(f"sample {record['id']}: {error}") from None
     row["num_tokens"] = int(example.input_ids.shape[0])
     row["num_answer_tokens"] = int((example.labels != IGNORE_INDEX).sum())
     return row
@@ -234,6 +239,7 @@ class DrafterDataset(torch.utils.data.Dataset):
             fn_kwargs={"processor": processor, "adapter": adapter, "max_length": max_length, "strict": strict_images},
             num_proc=num_proc if num_proc and num_proc > 1 and len(records) >= 256 else None,
             desc="tokenizing",
+            new_fingerprint=f"massv-check-{uuid.uuid4().hex}",  # hashing the processor is slow and not needed
         )
         reasons = checked["drop_reason"]
         ids = checked["id"]

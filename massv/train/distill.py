@@ -36,7 +36,7 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,15 @@ from transformers import GenerationConfig, PreTrainedModel, ProcessorMixin
 from massv.config import RunConfig, load_config
 from massv.families import FamilyAdapter, get_adapter
 from massv.train.data import build_messages, render_prompt
-from massv.train.llava_data import GPT, HUMAN, IMAGE_TOKEN, LoadReport, load_image, load_llava_records, write_llava_jsonl
+from massv.train.llava_data import (
+    GPT,
+    HUMAN,
+    IMAGE_TOKEN,
+    LoadReport,
+    load_image,
+    load_llava_records,
+    write_llava_jsonl,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -303,8 +311,8 @@ def generate_responses(config: RunConfig, *, target: PreTrainedModel | None = No
             "corrupt_images": len(load_report.corrupt_images), "invalid_records": len(load_report.invalid_records),
         },
     }
-    if process_index == 0:
-        check_or_write_manifest(output_dir, manifest)
+    # Every process checks (the first one to get there writes; identical content, atomic rename).
+    check_or_write_manifest(output_dir, manifest)
 
     my_shards = [shard for shard in range(manifest["num_shards"]) if shard % num_processes == process_index]
     shard_ranges = {shard: range(shard * settings.shard_size, min((shard + 1) * settings.shard_size, num_records))

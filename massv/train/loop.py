@@ -141,15 +141,14 @@ def train_loop(accelerator: Accelerator, model: torch.nn.Module, dataset: Datase
                             sampler=RandomSampler(dataset, generator=generator), generator=generator,
                             num_workers=num_workers, pin_memory=torch.cuda.is_available())
     optimizer = build_optimizer(model, cfg)
+    model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
     num_processes = accelerator.num_processes
-    batches_per_epoch = math.ceil(len(dataset) / (cfg.per_device_batch_size * num_processes))
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(len(dataloader) / cfg.gradient_accumulation_steps)  # len: this process's share
     max_steps = cfg.max_steps or math.ceil(cfg.num_epochs * steps_per_epoch)
     # A prepared scheduler steps once per process per optimizer step, hence the factor (as in HF examples).
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
-                              num_warmup_steps=math.ceil(cfg.warmup_ratio * max_steps) * num_processes,
-                              num_training_steps=max_steps * num_processes)
-    model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
+    scheduler = accelerator.prepare(get_scheduler(
+        cfg.lr_scheduler, optimizer.optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * max_steps) * num_processes,
+        num_training_steps=max_steps * num_processes))
     trainable = list(trainable_parameters(accelerator.unwrap_model(model)).values())
 
     fingerprint = {"dataset_size": len(dataset), "per_device_batch_size": cfg.per_device_batch_size,
