@@ -88,10 +88,12 @@ def _train_or_load(config: RunConfig, phase: int, target: Any, drafter: Multimod
 
 
 def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_path: Path = DEFAULT_CONFIG,
-             overrides: list[str] | None = None, seed: int = 0, recipe: Any = None) -> dict[str, Any]:
+             overrides: list[str] | None = None, seed: int = 0, recipe: Any = None,
+             compress: bool = False) -> dict[str, Any]:
     """Run every stage (reusing finished ones) and write report.json / report.md / report.png under `out`.
 
-    `recipe` (a `WorldRecipe`) picks other world models than the shipped ones.
+    `recipe` (a `WorldRecipe`) picks other world models than the shipped ones. `compress` adds the
+    compression study (massv.compress.study) under `out/compression`.
     """
     from massv.benchmarks import load_benchmark
     from massv.train.distill import generate_responses, load_distilled_records
@@ -165,7 +167,21 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
             _write_rows(out / "samples" / f"{name}_T{temperature:g}.jsonl", rows)
     timed("evaluation", start)
 
+    # ---- --compress: MAL vs MACs of a deeper MASSV drafter, pruned / sparse, with and without recovery ----
+    compression = None
+    if compress:
+        from massv.compress.study import run_compression_study
+
+        _stage("compression study: dense / layer-pruned / sparse drafters, with and without recovery")
+        start = time.perf_counter()
+        compression = run_compression_study(world_models, out / "compression", distilled, pretrain_records, samples,
+                                            quick=quick, config_path=config_path, overrides=overrides or [], seed=seed)
+        timed("compression", start)
+    # ---- end --compress ----
+
     report = _report(results, world_models, size, timings, time.perf_counter() - started, quick)
+    if compression is not None:
+        report["compression"] = compression
     _write_report(out, report)
     return report
 
@@ -249,6 +265,8 @@ def _plot(out: Path, report: dict[str, Any]) -> None:
 def _write_report(out: Path, report: dict[str, Any]) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2))
     markdown = _markdown(report)
+    if "compression" in report:  # --compress
+        markdown += "\n" + report["compression"]["markdown"]
     (out / "report.md").write_text(markdown)
     _plot(out, report)
     print(markdown)
@@ -263,9 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--override", nargs="*", default=[], help="config overrides, e.g. phase2.learning_rate=5e-4")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compress", action="store_true",
+                        help="also the compression study: MAL vs MACs of pruned / sparse drafters (massv.compress.study)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = args.out / "quick" if args.quick and args.out == Path("runs/demo") else args.out
     report = run_demo(out, quick=args.quick, from_scratch=args.from_scratch, config_path=args.config,
-                      overrides=args.override, seed=args.seed)
+                      overrides=args.override, seed=args.seed, compress=args.compress)
     return 1 if report["lossless"]["mismatches"] else 0
