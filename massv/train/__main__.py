@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -29,17 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, load and validate the config (before any model loads), run the phase."""
     args = build_parser().parse_args(argv)
-    from accelerate import PartialState
-
-    state = PartialState()
+    # Not accelerate's PartialState here: created before the recipe's Accelerator it would fix the distributed
+    # setup without the launcher's CPU flag. The launcher's LOCAL_RANK says which process logs.
+    main_process = int(os.environ.get("LOCAL_RANK", "0")) == 0
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO if state.is_local_main_process else logging.WARNING,
+        logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     config = load_config(args.config, args.override)
     from massv.train import train_phase
 
     result = train_phase(config, int(args.phase), resume=args.resume)
-    if state.is_main_process and result.final_path is not None:
+    if main_process and result.final_path is not None:
         logging.getLogger("massv.train").info("final drafter: %s", result.final_path)
     return 0
 

@@ -440,8 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config(args.config, args.override)
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    state = PartialState()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # `accelerate launch --cpu` / torchrun
     result = generate_responses(config, max_items=args.max_items, device=state.device,
                                 process_index=state.process_index, num_processes=state.num_processes)
     state.wait_for_everyone()
