@@ -207,7 +207,9 @@ def run_compression_study(world_models: Any, out_dir: str | os.PathLike, distill
     settings = {**asdict(size), "num_draft_tokens": num_draft_tokens, "temperature": 0.0,
                 "heldout_samples": len(samples), "context_length": context_length,
                 "recovery_batch_size": config.phase2.per_device_batch_size, "recovery_examples": len(dataset),
-                "text_hidden_size": recipe.text_hidden_size, "drafter": str(stage_dir / "phase2" / "final"),
+                "text_hidden_size": recipe.text_hidden_size,
+                "text_lm_final_loss": json.loads((stage_dir / "text_lm" / STUDY_LM_MARKER).read_text())["final_loss"],
+                "drafter": str(stage_dir / "phase2" / "final"),
                 "train_seconds": round(train_seconds, 1)}
     report = study_report(rows, settings)
     report["seconds"] = round(time.perf_counter() - started, 1)
