@@ -6,6 +6,7 @@ All on the tiny random real-architecture models of both families (CPU, a few ste
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import subprocess
 import sys
@@ -151,9 +152,11 @@ def test_missing_and_corrupt_images_are_skipped_and_counted_or_raise_when_strict
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_phase1_trains_only_the_projector_and_saves_a_loadable_drafter(tmp_path: Path, family: str) -> None:
+def test_phase1_trains_only_the_projector_and_saves_a_loadable_drafter(tmp_path: Path, family: str,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
     data_json, image_root = write_llava(tmp_path, 4)
-    config = tiny_config(tmp_path, family, data_json, image_root, ["phase1.max_steps=3", "phase1.save_every_steps=null"])
+    config = tiny_config(tmp_path, family, data_json, image_root,
+                         ["phase1.max_steps=3", "phase1.save_every_steps=null", "phase1.tensorboard=true"])
     pair = build_pair(family)
     drafter = fresh_drafter(pair, config)
     lm_before, projector_before = snapshot(drafter.language_model), snapshot(drafter.projector)
@@ -162,6 +165,8 @@ def test_phase1_trains_only_the_projector_and_saves_a_loadable_drafter(tmp_path:
     result = train_phase(config, 1, target=pair.target, drafter=drafter, processor=pair.processor)
 
     assert result.train.finished and result.train.state.step == 3
+    if importlib.util.find_spec("tensorboard") is None:  # optional: training goes on without it
+        assert "TensorBoard is not installed" in caplog.text
     assert same(snapshot(result.drafter.language_model), lm_before)  # frozen LM: bit-identical
     for name, module in result.drafter.vision_modules.items():  # frozen vision encoder: bit-identical
         assert same(snapshot(module), vision_before[name])
