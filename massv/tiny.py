@@ -325,6 +325,10 @@ def build_tiny_pair(family: str, seed: int = 0, corpus: Iterable[str] = DEFAULT_
         config = gemma_target_config(tokenizer, image_size=image_size, **target_kwargs)
         processor = build_gemma_processor(tokenizer, image_size, config.mm_tokens_per_image)
         target = Gemma3ForConditionalGeneration(config)
+        # Gemma3 initialises its projection to zeros (pretrained checkpoints overwrite it); a random tiny target
+        # would otherwise be image-blind and give the drafter's projector no gradient.
+        projection = target.model.multi_modal_projector.mm_input_projection_weight
+        torch.nn.init.normal_(projection, std=projection.shape[0] ** -0.5)
         drafter_lm = Gemma3ForCausalLM(gemma_drafter_config(tokenizer, **drafter_kwargs))
     else:
         from massv.families import SUPPORTED_FAMILIES, UnsupportedFamilyError

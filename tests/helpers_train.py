@@ -82,16 +82,7 @@ def tiny_config(tmp_path: Path, family: str, data_json: Path | None = None, imag
 
 
 def build_pair(family: str):
-    """`build_tiny_pair(family)`, with Gemma3's image projection given random weights.
-
-    `massv.tiny` leaves Gemma3's `mm_input_projection_weight` at its zero initialisation, so the tiny Gemma3
-    target's image features are all zero: the projector's first layer would get no gradient at all.
-    """
+    """`build_tiny_pair(family)`: the tiny real-architecture pair the training tests use."""
     from massv.tiny import build_tiny_pair
 
-    pair = build_tiny_pair(family)
-    if family == "gemma3":
-        weight = pair.target.model.multi_modal_projector.mm_input_projection_weight
-        with torch.no_grad():
-            weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 0.1)
-    return pair
+    return build_tiny_pair(family)
