@@ -48,9 +48,18 @@ def load_drafter(name_or_path: str, target: Any, target_tokenizer: Any, dtype: s
         drafter = MultimodalDrafter.from_pretrained(name_or_path, target=target)
         return drafter.to(device=target.device)
     lm = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype)).to(target.device).eval()
+    check_drafter_tokenizer(name_or_path, target_tokenizer)
+    return lm
+
+
+def check_drafter_tokenizer(name_or_path: str | Path, target_tokenizer: Any) -> None:
+    """When a drafter LM ships its own tokenizer, it must tokenize exactly like the target's.
+
+    A local directory without tokenizer files is assumed to share the target's tokenizer (a warning says
+    so): `AutoTokenizer` would otherwise invent a default one and report a false mismatch.
+    """
     local = Path(name_or_path)
     if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
         logger.warning("no tokenizer files in %s; assuming it shares the target's tokenizer", local)
-    else:
-        check_tokenizer_compatibility(target_tokenizer, AutoTokenizer.from_pretrained(name_or_path))
-    return lm
+        return
+    check_tokenizer_compatibility(target_tokenizer, AutoTokenizer.from_pretrained(str(name_or_path)))

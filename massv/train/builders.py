@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from massv.config import ModelConfig, RunConfig
 from massv.drafter import MultimodalDrafter
+from massv.loading import check_drafter_tokenizer
 from massv.train.llava_data import LoadReport, load_llava_records
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def build_models(model_config: ModelConfig, device: str | torch.device | None = 
         if with_drafter_lm:
             logger.info("loading drafter LM %s", model_config.drafter_lm)
             drafter_lm = AutoModelForCausalLM.from_pretrained(model_config.drafter_lm, **kwargs)
-            _check_drafter_tokenizer(model_config, processor)
+            check_drafter_tokenizer(model_config.drafter_lm, processor.tokenizer)
     if model_config.family is not None and target.config.model_type != model_config.family:
         raise ValueError(f"model.family is {model_config.family!r} but {model_config.target} is a "
                          f"{target.config.model_type!r} model")
@@ -82,20 +83,6 @@ def build_models(model_config: ModelConfig, device: str | torch.device | None = 
         target.to(device)
     target.eval()
     return target, drafter_lm, processor
-
-
-def _check_drafter_tokenizer(model_config: ModelConfig, processor: ProcessorMixin) -> None:
-    """When the drafter LM ships its own tokenizer, it must tokenize exactly like the target's."""
-    from transformers import AutoTokenizer
-
-    from massv.vocab import check_tokenizer_compatibility
-
-    try:
-        drafter_tokenizer = AutoTokenizer.from_pretrained(model_config.drafter_lm)
-    except (OSError, ValueError) as error:
-        logger.warning("drafter LM %s has no loadable tokenizer (%s); assuming the target's", model_config.drafter_lm, error)
-        return
-    check_tokenizer_compatibility(processor.tokenizer, drafter_tokenizer)
 
 
 def build_target_and_processor(model_config: ModelConfig,
