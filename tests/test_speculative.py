@@ -154,15 +154,17 @@ def test_unset_settings_follow_target_generation_config(setup: FamilySetup) -> N
 # ---- end of sequence inside a block -----------------------------------------------------------------
 @pytest.mark.parametrize("drafter_kind", ["target-copy", "text", "multimodal"])
 def test_stops_exactly_at_eos_inside_a_block(setup: FamilySetup, drafter_kind: str) -> None:
-    """Make a token the target emits at step 5 the EOS (as one id of a list): both must stop right there.
+    """Make a token the target emits at step 3..8 the EOS (as one id of a list): both must stop right there.
 
     With the agreeing drafter and γ=8, that EOS is an *accepted draft* in the middle of a block, so the
     tokens after it in the block must be dropped; with the random drafters it is the target's own token.
     """
     target = setup.pair.target
-    inputs = setup.cases[0]
-    free_run = setup.reference(inputs, 30)
-    stop_at = next(index for index in range(5, 30) if free_run[index] not in free_run[:index])
+    # A case whose output has a first-time token at index 3..8: inside the first γ=8 block of drafts.
+    inputs, free_run, stop_at = next(
+        (case, run, index) for case in setup.cases for run in [setup.reference(case, 30)]
+        for index in range(3, 9) if run[index] not in run[:index]
+    )
     eos_token = free_run[stop_at]
     original_eos = target.generation_config.eos_token_id
     original_list = original_eos if isinstance(original_eos, list) else [original_eos]
