@@ -37,14 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="directory to write (replaced atomically)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="override one WorldRecipe field (repeatable)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    # One thread by default: on a CPU shared with other jobs, multi-threaded kernels spin at their barriers
+    # and a training step ran several times slower with 2 threads than with 1.
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--probe-every", type=int, default=200,
+                        help="log held-out accuracy of the target on 48 questions every N steps (0: never)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     recipe = WorldRecipe(**parse_overrides(args.overrides))
     logging.info("recipe %s: %s", recipe.hash(), json.dumps(recipe.to_dict()))
-    out = train_world_models(recipe, args.out, progress=not args.no_progress)
+    out = train_world_models(recipe, args.out, progress=not args.no_progress, probe_every=args.probe_every)
     metrics = json.loads((out / "metrics.json").read_text())
     print(json.dumps({"out": str(out), "heldout_target": metrics["heldout"]["target"],
                       "heldout_text_lm_all": metrics["heldout"]["text_lm"]["all"], "cost": metrics["cost"]}, indent=2))

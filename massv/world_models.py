@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
+from torch import nn
 from transformers import (
     AutoProcessor,
     PreTrainedModel,
@@ -50,6 +51,7 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2ForCausalLM,
 )
+from transformers.utils import ModelOutput
 
 from massv import world
 from massv.families import get_adapter
@@ -67,6 +69,8 @@ TARGET_DIR = "target"
 TEXT_LM_DIR = "text_lm"
 PROCESSOR_DIR = "processor"
 CACHE_ENV = "MASSV_CACHE_DIR"
+MERGE_SIZE = 2  # Qwen2.5-VL's spatial merge: 2x2 patches per LM image token
+NUM_CELLS = len(world.CELL_NAMES)  # the world's 3x3 grid
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -77,24 +81,37 @@ CACHE_ENV = "MASSV_CACHE_DIR"
 class WorldRecipe:
     """Every size, seed and step count that decides the trained world models; its hash names the cache.
 
-    The defaults are the shipped recipe, sized for a 2-core CPU: a ~25 minute target run and a short
-    text-LM run. Images are 64x64 with 8x8 patches, so each image is 16 LM tokens after the 2x2 merger.
+    The defaults are the shipped recipe, sized for a shared 2-core CPU: about 25 CPU-minutes for the target
+    and a few for the text LM. Images are 96x96 with 16x16 patches: after Qwen2.5-VL's 2x2 patch merger
+    each image is 9 LM tokens, and each token covers exactly one cell of the world's 3x3 grid (checked in
+    `__post_init__`). That alignment is what lets the vision tower be pretrained per token on "what is in
+    this cell" and the LM learn to read it within a CPU budget; with 16 tokens straddling cell borders
+    (64x64, 8x8 patches) the target was still blind to most details after 1200 steps. The target is deep and narrow (10 x 192) because at batch size 1 a CPU forward costs about the
+    same per layer whatever the width, so depth sets the target's per-token cost while width sets the
+    training cost; the drafter LM has one layer.
     """
 
     seed: int = 0
-    image_size: int = 64
-    patch_size: int = 8
+    image_size: int = 96
+    patch_size: int = 16
     # Tokenizer: byte-level BPE trained on this many records per split of world text.
     vocab_size: int = 512
     tokenizer_samples: int = 2000
     # Target VLM.
-    target_hidden_size: int = 256
-    target_layers: int = 8
+    target_hidden_size: int = 192
+    target_layers: int = 10
     target_heads: int = 4
     target_intermediate_size: int = 512
     vision_hidden_size: int = 128
     vision_depth: int = 4
-    target_steps: int = 2400
+    # Stage 0: the vision tower (with the merger) learns to parse scenes, standing in for a pretrained encoder.
+    vision_steps: int = 400
+    vision_batch_size: int = 32
+    vision_lr: float = 2e-3
+    vision_warmup_steps: int = 50
+    # Stage 1: the LM (and the merger) learn to answer; the parsed-scene vision blocks stay frozen (LLaVA).
+    freeze_vision_blocks: bool = True
+    target_steps: int = 1200
     target_batch_size: int = 16
     target_lr: float = 2e-3
     target_warmup_steps: int = 100
@@ -103,7 +120,7 @@ class WorldRecipe:
     text_layers: int = 1
     text_heads: int = 4
     text_intermediate_size: int = 512
-    text_steps: int = 2000
+    text_steps: int = 1500
     text_batch_size: int = 64
     text_lr: float = 3e-3
     text_warmup_steps: int = 100
@@ -119,6 +136,15 @@ class WorldRecipe:
     cost_context_tokens: int = 100
     cost_decode_steps: int = 64
     save_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        cells_per_side = math.isqrt(NUM_CELLS)
+        if self.image_size != self.patch_size * MERGE_SIZE * cells_per_side:
+            raise ValueError(
+                f"image_size {self.image_size} must be patch_size * {MERGE_SIZE} * {cells_per_side} "
+                f"(= {self.patch_size * MERGE_SIZE * cells_per_side}) so that each merged image token covers one "
+                "grid cell of the world"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -307,8 +333,12 @@ def _cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_
 
 
 def _train_loop(model: torch.nn.Module, make_batch: Callable[[int], dict[str, torch.Tensor]], steps: int, lr: float,
-                warmup_steps: int, recipe: WorldRecipe, name: str, progress: bool) -> list[float]:
-    """The whole training step, in one place: forward, loss, backward, clip, AdamW, cosine LR."""
+                warmup_steps: int, recipe: WorldRecipe, name: str, progress: bool,
+                probe: Callable[[], str] | None = None, probe_every: int = 0) -> list[float]:
+    """The whole training step, in one place: forward, loss, backward, clip, AdamW, cosine LR.
+
+    `probe` (called every `probe_every` steps, in eval mode) only logs; it never changes the weights.
+    """
     optimizer = _optimizer(model, lr, recipe.weight_decay)
     schedule = _cosine_schedule(optimizer, warmup_steps, steps, recipe.min_lr_ratio)
     model.train()
@@ -327,18 +357,130 @@ def _train_loop(model: torch.nn.Module, make_batch: Callable[[int], dict[str, to
             recent = statistics.fmean(losses[-50:])
             bar.set_postfix(loss=f"{recent:.3f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
             logger.info("%s step %d/%d loss %.4f", name, step + 1, steps, recent)
+        if probe is not None and probe_every and (step + 1) % probe_every == 0 and step + 1 < steps:
+            model.eval()
+            logger.info("%s step %d probe: %s", name, step + 1, probe())
+            model.train()
     model.eval()
     return losses
 
 
-def train_target(target: Qwen2_5_VLForConditionalGeneration, processor: ProcessorMixin, recipe: WorldRecipe,
-                 progress: bool = True) -> list[float]:
-    """Train the whole target VLM (vision tower, merger and LM) on fresh `train` records each step.
+# What fills each grid cell: shape (or none), colour (or none), size (or none); the scene parser's classes.
+PARSE_FIELDS: dict[str, tuple[str, ...]] = {
+    "shape": ("none", *world.SHAPES),
+    "colour": ("none", *world.COLOURS),
+    "size": ("none", *world.SIZES),
+}
 
-    Why end to end: there is no pretrained vision encoder to freeze here, and with 64x64 images (64 patches,
-    16 merged tokens) the vision tower is a small share of the step on a CPU.
+
+def scene_cell_labels(scene: world.Scene) -> torch.Tensor:
+    """`(NUM_CELLS, 3)` class ids (shape, colour, size) per grid cell, "none" for empty cells."""
+    labels = torch.zeros(NUM_CELLS, len(PARSE_FIELDS), dtype=torch.long)
+    for obj in scene.objects:
+        for column, (name, classes) in enumerate(PARSE_FIELDS.items()):
+            labels[obj.cell, column] = classes.index(getattr(obj, name))
+    return labels
+
+
+@dataclass
+class SceneParserOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: tuple[torch.Tensor, ...] | None = None  # per field: (batch, NUM_CELLS, classes)
+
+
+class SceneParser(nn.Module):
+    """The target's vision tower + a linear head that names what fills the grid cell under each image token.
+
+    Why: a real VLM starts from a pretrained vision encoder; ours starts from nothing, and learning to see
+    through a 10-layer LM's answer loss alone is slow on a CPU. Supervising each merged image token with the
+    content of its cell gives the encoder that pretraining, and leaves each token describing one cell. The
+    head (shared by all tokens) is discarded afterwards; the vision tower is the target's own, by reference.
     """
+
+    def __init__(self, visual: nn.Module, feature_dim: int) -> None:
+        super().__init__()
+        self.visual = visual
+        self.class_counts = [len(classes) for classes in PARSE_FIELDS.values()]
+        self.head = nn.Linear(feature_dim, sum(self.class_counts))
+
+    def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
+                cell_labels: torch.Tensor | None = None) -> SceneParserOutput:
+        """`cell_labels: (batch, NUM_CELLS, 3)`; returns per-field logits `(batch, NUM_CELLS, classes)` and loss."""
+        # pooler_output: (batch * NUM_CELLS, dim) in raster order, which is the world's cell order.
+        features = self.visual(pixel_values, grid_thw=image_grid_thw).pooler_output
+        logits = self.head(features).view(image_grid_thw.shape[0], NUM_CELLS, -1)
+        field_logits = torch.split(logits, self.class_counts, dim=-1)
+        loss = None
+        if cell_labels is not None:
+            loss = sum(nn.functional.cross_entropy(field.reshape(-1, field.shape[-1]), cell_labels[..., column].reshape(-1))
+                       for column, field in enumerate(field_logits))
+        return SceneParserOutput(loss=loss, logits=field_logits)
+
+
+def encode_vision_batch(processor: ProcessorMixin, scenes: Sequence[world.Scene], image_size: int
+                        ) -> dict[str, torch.Tensor]:
+    images = [world.render_scene(scene, image_size) for scene in scenes]
+    inputs = processor.image_processor(images=images, return_tensors="pt")
+    labels = torch.stack([scene_cell_labels(scene) for scene in scenes])
+    return {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"], "cell_labels": labels}
+
+
+@torch.inference_mode()
+def scene_parsing_accuracy(parser: SceneParser, processor: ProcessorMixin, scenes: Sequence[world.Scene],
+                           image_size: int) -> float:
+    """Fraction of grid cells whose shape, colour and size are all parsed right."""
+    batch = encode_vision_batch(processor, scenes, image_size)
+    logits = parser(batch["pixel_values"], batch["image_grid_thw"]).logits
+    predicted = torch.stack([field.argmax(-1) for field in logits], dim=-1)
+    return float((predicted == batch["cell_labels"]).all(-1).float().mean())
+
+
+def pretrain_vision(target: Qwen2_5_VLForConditionalGeneration, processor: ProcessorMixin, recipe: WorldRecipe,
+                    progress: bool = True, probe_every: int = 0) -> tuple[list[float], float]:
+    """Stage 0: train the target's vision tower and merger to parse `train` scenes; returns (losses,
+    held-out cell accuracy)."""
+    torch.manual_seed(recipe.seed + 2)
+    parser = SceneParser(target.model.visual, target.config.vision_config.out_hidden_size)
+    batch_size = recipe.vision_batch_size
+    heldout_scenes = [world.Scene.from_dict(r["scene"]) for r in heldout_records(256, recipe.eval_seed + 2,
+                                                                                image_size=recipe.image_size)[0]]
+
+    def make_batch(step: int) -> dict[str, torch.Tensor]:
+        # A seed offset gives the encoder other scenes than the answer-training stage sees.
+        scenes = [world.make_record("train", recipe.seed + 2, index)[1]
+                  for index in range(step * batch_size, (step + 1) * batch_size)]
+        return encode_vision_batch(processor, scenes, recipe.image_size)
+
+    def probe() -> str:
+        return f"heldout cell accuracy {scene_parsing_accuracy(parser, processor, heldout_scenes, recipe.image_size):.3f}"
+
+    losses = _train_loop(parser, make_batch, recipe.vision_steps, recipe.vision_lr, recipe.vision_warmup_steps,
+                         recipe, "vision", progress, probe, probe_every)
+    accuracy = scene_parsing_accuracy(parser, processor, heldout_scenes, recipe.image_size)
+    logger.info("vision pretraining: heldout cell accuracy %.4f", accuracy)
+    return losses, accuracy
+
+
+def train_target(target: Qwen2_5_VLForConditionalGeneration, processor: ProcessorMixin, recipe: WorldRecipe,
+                 progress: bool = True, probe_every: int = 0) -> list[float]:
+    """Stage 1: train the target VLM to answer fresh `train` records each step (loss on answers only).
+
+    Run after `pretrain_vision`. With `recipe.freeze_vision_blocks` the encoder blocks stay as pretrained
+    and only the merger and the LM train (the LLaVA recipe), which also spares the CPU the vision backward
+    pass. With `probe_every`, held-out accuracy on a few questions is logged along the way (the probe never
+    touches the weights).
+    """
+    if recipe.freeze_vision_blocks:
+        # The merger (the projector into the LM) keeps training; the parsed-scene encoder below it does not.
+        target.model.visual.requires_grad_(False)
+        target.model.visual.merger.requires_grad_(True)
     batch_size = recipe.target_batch_size
+
+    def probe() -> str:
+        probe_records, probe_images = heldout_records(48, recipe.eval_seed + 1, image_size=recipe.image_size)
+        answers = generate_target_answers(target, processor, probe_records, probe_images, recipe.max_new_tokens)
+        scores = score_answers(probe_records, answers)
+        return ", ".join(f"{kind} {row['exact']:.2f}" for kind, row in scores.items())
 
     def make_batch(step: int) -> dict[str, torch.Tensor]:
         records, images = train_examples("train", recipe.seed, step * batch_size, batch_size, recipe.image_size)
@@ -346,7 +488,7 @@ def train_target(target: Qwen2_5_VLForConditionalGeneration, processor: Processo
 
     torch.manual_seed(recipe.seed)
     return _train_loop(target, make_batch, recipe.target_steps, recipe.target_lr, recipe.target_warmup_steps,
-                       recipe, "target", progress)
+                       recipe, "target", progress, probe, probe_every)
 
 
 def text_records(recipe: WorldRecipe, start: int, count: int) -> list[dict[str, Any]]:
@@ -507,7 +649,7 @@ def asked_colour(record: dict[str, Any]) -> str | None:
     return None
 
 
-def heldout_records(num_samples: int, seed: int, kinds: Iterable[str] | None = None, image_size: int = 64
+def heldout_records(num_samples: int, seed: int, kinds: Iterable[str] | None = None, image_size: int = 96
                     ) -> tuple[list[dict[str, Any]], list[Image.Image]]:
     """The first `num_samples` heldout records of `seed` whose task is in `kinds` (all kinds if None).
 
@@ -577,10 +719,13 @@ def score_answers(records: Sequence[dict[str, Any]], answers: Sequence[str]) -> 
             row["colour_word"] = float(named == {colour})
         rows.setdefault(record["task"], []).append(row)
         rows.setdefault("all", []).append(row)
-    return {
-        kind: {"n": len(kind_rows), **{key: statistics.fmean(r[key] for r in kind_rows) for key in kind_rows[0]}}
-        for kind, kind_rows in sorted(rows.items())
-    }
+    summary: dict[str, dict[str, float]] = {}
+    for kind, kind_rows in sorted(rows.items()):
+        keys = dict.fromkeys(key for row in kind_rows for key in row)  # colour_word only where it applies
+        summary[kind] = {"n": len(kind_rows)}
+        for key in keys:
+            summary[kind][key] = statistics.fmean(row[key] for row in kind_rows if key in row)
+    return summary
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -590,7 +735,7 @@ def score_answers(records: Sequence[dict[str, Any]], answers: Sequence[str]) -> 
 @torch.inference_mode()
 def measure_cost_ratio(target: Qwen2_5_VLForConditionalGeneration, text_lm: Qwen2ForCausalLM,
                        processor: ProcessorMixin, context_tokens: int = 100, decode_steps: int = 64,
-                       image_size: int = world.DEFAULT_IMAGE_SIZE, seed: int = 0) -> dict[str, float]:
+                       image_size: int = 96, seed: int = 0) -> dict[str, float]:
     """Median time of one cached single-token forward of each model at a ~`context_tokens` context.
 
     Why: speculative decoding's speedup is bounded by c = drafter step / target step. The target is driven
@@ -649,7 +794,8 @@ def evaluate_world_models(models: WorldModels, num_samples: int | None = None, s
             "examples": examples}
 
 
-def train_world_models(recipe: WorldRecipe, out_dir: str | os.PathLike, progress: bool = True) -> Path:
+def train_world_models(recipe: WorldRecipe, out_dir: str | os.PathLike, progress: bool = True,
+                       probe_every: int = 0) -> Path:
     """Train tokenizer, target and text LM from `recipe`, evaluate them, and write `out_dir` atomically.
 
     Layout: `recipe.json`, `metrics.json`, `README.md`, `processor/` (processor + tokenizer), `target/` and
@@ -657,7 +803,6 @@ def train_world_models(recipe: WorldRecipe, out_dir: str | os.PathLike, progress
     saved (reloaded) weights, so they describe exactly what is shipped.
     """
     out_dir = Path(out_dir)
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     started = time.time()
     tokenizer = build_world_tokenizer(recipe)
     processor = build_qwen_processor(tokenizer, image_size=recipe.image_size, patch_size=recipe.patch_size)
@@ -666,7 +811,10 @@ def train_world_models(recipe: WorldRecipe, out_dir: str | os.PathLike, progress
     logger.info("target: %.2fM parameters; text LM: %.2fM parameters", _millions(target), _millions(text_lm))
 
     phase_started = time.time()
-    target_losses = train_target(target, processor, recipe, progress)
+    vision_losses, parsing_accuracy = pretrain_vision(target, processor, recipe, progress, probe_every)
+    vision_seconds = time.time() - phase_started
+    phase_started = time.time()
+    target_losses = train_target(target, processor, recipe, progress, probe_every)
     target_seconds = time.time() - phase_started
     phase_started = time.time()
     text_losses = train_text_lm(text_lm, tokenizer, recipe, progress)
@@ -685,8 +833,10 @@ def train_world_models(recipe: WorldRecipe, out_dir: str | os.PathLike, progress
         reloaded = _load_directory(staging, recipe)
         metrics = {
             "parameters": {"target": _count(reloaded.target), "text_lm": _count(reloaded.text_lm)},
-            "training_seconds": {"target": target_seconds, "text_lm": text_seconds},
-            "final_loss": {"target": statistics.fmean(target_losses[-50:]), "text_lm": statistics.fmean(text_losses[-50:])},
+            "training_seconds": {"vision": vision_seconds, "target": target_seconds, "text_lm": text_seconds},
+            "final_loss": {"vision": _tail_mean(vision_losses), "target": _tail_mean(target_losses),
+                           "text_lm": _tail_mean(text_losses)},
+            "vision_heldout_cell_accuracy": parsing_accuracy,
             "heldout": evaluate_world_models(reloaded, progress=progress),
             "cost": measure_cost_ratio(reloaded.target, reloaded.text_lm, reloaded.processor,
                                        recipe.cost_context_tokens, recipe.cost_decode_steps, recipe.image_size),
@@ -762,6 +912,10 @@ def _replace_directory(staging: Path, out_dir: Path) -> None:
         shutil.rmtree(backup, ignore_errors=True)
 
 
+def _tail_mean(losses: list[float]) -> float:
+    return statistics.fmean(losses[-50:]) if losses else float("nan")
+
+
 def _count(model: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
@@ -781,12 +935,19 @@ def _model_card(recipe: WorldRecipe, metrics: dict[str, Any]) -> str:
         "",
         f"Recipe hash `{recipe.hash()}` (world version {world.WORLD_VERSION}, format version {FORMAT_VERSION}).",
         "",
-        "| model | parameters | training time (s) | final loss |",
-        "|---|---|---|---|",
+        "| stage | model | parameters | training time (s) | final loss |",
+        "|---|---|---|---|---|",
     ]
-    for name in ("target", "text_lm"):
-        lines.append(f"| {name} | {metrics['parameters'][name] / 1e6:.2f}M | {metrics['training_seconds'][name]:.0f} "
-                     f"| {metrics['final_loss'][name]:.4f} |")
+    stages = (("vision pretraining (scene parsing)", "target", "vision"), ("answer training", "target", "target"),
+              ("text-only pretraining", "text_lm", "text_lm"))
+    for stage, model_name, key in stages:
+        lines.append(f"| {stage} | {model_name} | {metrics['parameters'][model_name] / 1e6:.2f}M "
+                     f"| {metrics['training_seconds'][key]:.0f} | {metrics['final_loss'][key]:.4f} |")
+    lines += [
+        "",
+        f"Vision pretraining: {metrics['vision_heldout_cell_accuracy']:.3f} of heldout grid cells parsed right "
+        "(shape, colour and size).",
+    ]
     lines += [
         "",
         "## Held-out accuracy (greedy decoding)",

@@ -1,0 +1,187 @@
+"""Tests for the world models: shipped weights load offline, the target really reads the image, the text-only
+LM speaks the world's language without seeing it, recipes hash and cache, and a minuscule run trains end to end.
+
+Held-out questions come from the `heldout` split with seeds neither training nor the shipped evaluation used;
+heldout scenes lie in a hash bucket that no training split draws from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from transformers import AutoProcessor
+
+from massv import world
+from massv.world_models import (
+    ASSETS_DIR,
+    WorldModels,
+    WorldRecipe,
+    asked_colour,
+    generate_target_answers,
+    generate_text_answers,
+    heldout_records,
+    is_well_formed_answer,
+    load_world_models,
+    record_answer,
+    record_question,
+    score_answers,
+    stored_recipe_hash,
+    valid_answers,
+)
+
+UNSEEN_SEED = 777_777  # never used for training or for the shipped evaluation (eval_seed 1000)
+
+TINY_RECIPE = WorldRecipe(
+    vocab_size=320, tokenizer_samples=200, target_hidden_size=32, target_layers=1, target_heads=2,
+    target_intermediate_size=64, vision_hidden_size=16, vision_depth=1, vision_steps=3, vision_batch_size=4,
+    vision_warmup_steps=1, target_steps=3, target_batch_size=4,
+    target_warmup_steps=1, text_hidden_size=32, text_layers=1, text_heads=2, text_intermediate_size=64,
+    text_steps=3, text_batch_size=4, text_warmup_steps=1, eval_samples=6, max_new_tokens=8, cost_decode_steps=8,
+)
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory: pytest.TempPathFactory) -> WorldModels:
+    if stored_recipe_hash(ASSETS_DIR) != WorldRecipe().hash():
+        pytest.fail(f"shipped world models in {ASSETS_DIR} are missing or do not match WorldRecipe(); "
+                    "run data_prep/train_world_models.py --out massv/assets/world")
+    torch.set_num_threads(2)
+    # An empty cache: if the shipped copy were not used, loading would start training and the test would hang.
+    return load_world_models(cache_dir=tmp_path_factory.mktemp("empty_cache"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def colour_count_questions() -> tuple[list[dict], list]:
+    return heldout_records(20, UNSEEN_SEED, kinds=("colour", "count"))
+
+
+# ---- recipe --------------------------------------------------------------------------------------------
+
+
+def test_recipe_hash_is_stable_and_changes_with_every_field() -> None:
+    recipe = WorldRecipe()
+    assert recipe.hash() == WorldRecipe().hash() == WorldRecipe.from_dict(recipe.to_dict()).hash()
+    hashes = {recipe.hash()}
+    for field in dataclasses.fields(WorldRecipe):
+        value = getattr(recipe, field.name)
+        if field.name in ("image_size", "patch_size"):  # tied: one merged image token per grid cell
+            hashes.add(dataclasses.replace(recipe, patch_size=8 if field.name == "patch_size" else 12,
+                                           image_size=48 if field.name == "patch_size" else 72).hash())
+            continue
+        if isinstance(value, bool):
+            changed = not value
+        elif isinstance(value, str):
+            changed = value + "x"
+        else:
+            changed = value * 1.5 if isinstance(value, float) else value + 1
+        hashes.add(dataclasses.replace(recipe, **{field.name: changed}).hash())
+    assert len(hashes) == len(dataclasses.fields(WorldRecipe)) + 1
+
+
+def test_recipe_rejects_unknown_fields_and_image_tokens_that_straddle_cells() -> None:
+    with pytest.raises(ValueError, match="unknown WorldRecipe fields"):
+        WorldRecipe.from_dict({"target_layerz": 3})
+    with pytest.raises(ValueError, match="grid cell"):
+        WorldRecipe(image_size=64, patch_size=8)  # 4x4 merged tokens on a 3x3 grid
+
+
+# ---- scoring -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_valid_answers_contain_the_reference_and_it_is_well_formed(split: str) -> None:
+    for index in range(60):
+        record, _ = world.make_record(split, 3, index)
+        answers = valid_answers(record)
+        assert record_answer(record) in answers, (record["task"], record_question(record))
+        assert all(is_well_formed_answer(answer) for answer in answers)
+
+
+def test_valid_answers_reject_wrong_content() -> None:
+    record = next(r for r, _ in (world.make_record("heldout", 5, i) for i in range(100)) if r["task"] == "colour")
+    scene = world.Scene.from_dict(record["scene"])
+    wrong = next(colour for colour in world.COLOURS if colour not in {group.colour for group in scene.groups()})
+    altered = record_answer(record).replace(asked_colour(record), wrong)
+    assert altered != record_answer(record)
+    assert is_well_formed_answer(altered)  # the right form ...
+    assert altered not in valid_answers(record)  # ... with the wrong content
+    assert not is_well_formed_answer("The square red is.")
+    assert not is_well_formed_answer("The unicorn is blue.")
+
+
+# ---- shipped models ------------------------------------------------------------------------------------
+
+
+def test_shipped_models_load_offline_from_the_assets(shipped: WorldModels, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert shipped.path == ASSETS_DIR
+    assert shipped.target.config.model_type == "qwen2_5_vl"
+    assert shipped.text_lm.config.model_type == "qwen2"
+    assert shipped.metrics is not None and shipped.metrics["heldout"]["target"]["all"]["exact"] > 0.7
+    # The processor (with its tokenizer and chat template) reloads on its own, offline, and agrees.
+    processor = AutoProcessor.from_pretrained(ASSETS_DIR / "processor")
+    records, images = heldout_records(2, UNSEEN_SEED, image_size=shipped.recipe.image_size)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": record_question(records[0])}]}],
+        add_generation_prompt=True, tokenize=False,
+    )
+    inputs = processor(text=[prompt], images=images[:1], return_tensors="pt")
+    assert int((inputs["input_ids"] == shipped.target.config.image_token_id).sum()) == 9  # one per grid cell
+    # The tokenizer round-trips world text exactly.
+    for line in world.world_text_corpus(20, UNSEEN_SEED, splits=("heldout",)).splitlines():
+        assert processor.tokenizer.decode(processor.tokenizer.encode(line, add_special_tokens=False)) == line
+
+
+def test_shipped_drafter_lm_is_much_cheaper_than_the_target(shipped: WorldModels) -> None:
+    recipe = shipped.recipe
+    assert recipe.text_layers < recipe.target_layers
+    assert shipped.metrics["cost"]["cost_ratio"] <= 0.2  # measured when the weights were written
+    readme = (ASSETS_DIR / "README.md").read_text()
+    assert recipe.hash() in readme and "cost" in readme.lower()
+    assert json.loads((ASSETS_DIR / "recipe.json").read_text())["recipe"] == recipe.to_dict()
+
+
+def test_shipped_target_answers_heldout_colour_and_count_questions(shipped: WorldModels,
+                                                                   colour_count_questions: tuple) -> None:
+    records, images = colour_count_questions
+    answers = generate_target_answers(shipped.target, shipped.processor, records, images)
+    scores = score_answers(records, answers)
+    assert scores["all"]["exact"] >= 0.7, list(zip(map(record_answer, records), answers))
+
+
+def test_text_lm_speaks_the_world_language_but_cannot_see(shipped: WorldModels) -> None:
+    records, images = heldout_records(24, UNSEEN_SEED + 1, kinds=("colour",))
+    text_scores = score_answers(records, generate_text_answers(shipped.text_lm, shipped.tokenizer, records))
+    target_scores = score_answers(records, generate_target_answers(shipped.target, shipped.processor, records, images))
+    assert text_scores["colour"]["well_formed"] >= 0.8
+    # Six colours: a blind model guesses; the target reads the pixels.
+    assert text_scores["colour"]["colour_word"] <= 0.5
+    assert text_scores["colour"]["colour_word"] <= target_scores["colour"]["colour_word"] - 0.4
+
+
+# ---- training ------------------------------------------------------------------------------------------
+
+
+def test_minuscule_recipe_trains_saves_and_reloads_from_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.set_num_threads(2)
+    models = load_world_models(cache_dir=tmp_path, recipe=TINY_RECIPE, progress=False)
+    expected_dir = tmp_path / TINY_RECIPE.hash()
+    assert models.path == expected_dir and stored_recipe_hash(expected_dir) == TINY_RECIPE.hash()
+    assert {p.name for p in expected_dir.iterdir()} >= {"target", "text_lm", "processor", "recipe.json", "metrics.json"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging directories left behind
+    assert models.target.config.text_config.num_hidden_layers == 1
+    assert models.metrics["heldout"]["target"]["all"]["n"] == TINY_RECIPE.eval_samples
+
+    import massv.world_models as world_models
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached recipe must not be retrained")
+
+    monkeypatch.setattr(world_models, "train_world_models", no_training)
+    again = load_world_models(cache_dir=tmp_path, recipe=TINY_RECIPE, progress=False)
+    assert again.path == expected_dir
+    state, reloaded = models.target.state_dict(), again.target.state_dict()
+    assert all(torch.equal(state[key], reloaded[key]) for key in state)
