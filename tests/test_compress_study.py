@@ -26,9 +26,9 @@ DENSE_MACS = 1_000_000
 # World models trained in seconds: what the study does with them is tested, not how well they answer.
 TINY_RECIPE = WorldRecipe(
     vocab_size=320, tokenizer_samples=200, target_hidden_size=32, target_layers=1, target_heads=2,
-    target_intermediate_size=64, vision_hidden_size=16, vision_depth=1, target_steps=3, target_batch_size=4,
-    target_warmup_steps=1, text_hidden_size=32, text_layers=1, text_heads=2, text_intermediate_size=64,
-    text_steps=3, text_batch_size=4, text_warmup_steps=1, eval_samples=2, max_new_tokens=8, cost_decode_steps=2,
+    target_intermediate_size=64, vision_hidden_size=16, vision_depth=1, vision_steps=3, vision_batch_size=4,
+    vision_warmup_steps=1, target_steps=3, target_batch_size=4, target_warmup_steps=1, text_hidden_size=32,
+    text_layers=1, text_heads=2, text_intermediate_size=64, text_steps=3, text_batch_size=4, text_warmup_steps=1, eval_samples=2, max_new_tokens=8, cost_decode_steps=2,
 )
 
 
