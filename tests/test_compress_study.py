@@ -84,7 +84,8 @@ def test_the_finding_follows_the_numbers():
     assert "60 % of the one-shot loss" in recovers  # mean of 80 % and 40 %
     assert "+1,850 MAL on average" in recovers  # mean of 3,200 and 500
     assert "most: drop 1 layer" in recovers
-    assert "no compressed drafter comes within 0.05 MAL" in recovers and "closest is drop 1 layer" in recovers
+    assert "reach MAL 2.70 to 2.80 (the dense drafter after the same steps: 3.10)" in recovers
+    assert "none comes within 0.05 MAL of the dense drafter, the closest is drop 1 layer" in recovers
 
     # The same gains, but the dense drafter gains as much from the same steps: not recovery, just training.
     training_alone = study_finding(rows_with({DENSE: 3.0, "drop 1 layer": 2.0, "50 % sparse": 2.5},
@@ -99,7 +100,7 @@ def test_the_finding_follows_the_numbers():
     harmless = study_finding(rows_with({DENSE: 3.0, "drop 1 layer": 2.98, "50 % sparse": 3.0},
                                        {DENSE: 3.0, "drop 1 layer": 3.0, "50 % sparse": 3.0}))
     assert "no variant loses more than 0.05 MAL" in harmless
-    assert "the cheapest drafter within 0.05 MAL of the dense one is 50 % sparse" in harmless
+    assert "the cheapest within 0.05 MAL of the dense drafter is 50 % sparse" in harmless
 
 
 def test_rows_without_a_dense_baseline_are_rejected():

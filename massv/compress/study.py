@@ -68,7 +68,9 @@ class StudySize:
     phase2_steps: int = 400
     calibration_samples: int = 64
     recovery_steps: int = 100
-    recovery_learning_rate: float = 5e-4
+    # Small enough that the dense control stays put: at 5e-4 the same 100 steps cost the trained dense
+    # drafter 0.15 MAL on the shipped world, so "recovery" partly measured retraining damage.
+    recovery_learning_rate: float = 1e-4
     max_new_tokens: int = 96
 
 
@@ -341,16 +343,20 @@ def study_finding(rows: Sequence[CompressionRow], recovery_steps: int | None = N
                 f"{statistics.fmean(item['mal_recovered_per_gmac_saved'] for item in per_gmac):+,.0f} MAL on average "
                 f"(most: {best['variant']}, {best['mal_recovered_per_gmac_saved']:+,.0f}; least: {low['variant']}, "
                 f"{low['mal_recovered_per_gmac_saved']:+,.0f}).")
+        levels = [item["mean_accepted_length"] for item in recovered]
+        level = f"After recovery the compressed drafters reach MAL {min(levels):.2f} to {max(levels):.2f}"
+        if control is not None:
+            level += f" (the dense drafter after the same steps: {dense['mean_accepted_length'] + control:.2f})"
         close = [item for item in recovered if item["delta_mal_vs_dense"] >= -tolerance]
         if close:
             cheapest = min(close, key=lambda item: item["macs_per_token"])
-            sentences.append(f"After recovery, the cheapest drafter within {tolerance:.2f} MAL of the dense one is "
+            sentences.append(f"{level}; the cheapest within {tolerance:.2f} MAL of the dense drafter is "
                              f"{cheapest['variant']}: MAL {cheapest['mean_accepted_length']:.2f} at "
                              f"{100 * cheapest['macs_ratio']:.0f} % of the dense MACs.")
         else:
             closest = max(recovered, key=lambda item: item["delta_mal_vs_dense"])
-            sentences.append(f"After recovery, no compressed drafter comes within {tolerance:.2f} MAL of the dense one; "
-                             f"the closest is {closest['variant']} ({closest['delta_mal_vs_dense']:+.2f} MAL at "
+            sentences.append(f"{level}; none comes within {tolerance:.2f} MAL of the dense drafter, the closest is "
+                             f"{closest['variant']} ({closest['delta_mal_vs_dense']:+.2f} MAL at "
                              f"{100 * closest['macs_ratio']:.0f} % of the dense MACs).")
     return " ".join(sentences)
 
