@@ -120,9 +120,12 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
     _stage("synthetic world data")
     start = time.perf_counter()
     world_dir = out / "world"
-    write_world(world_dir, "pretrain", size["pretrain"], seed)
-    write_world(world_dir, "train", size["train"], seed)
-    write_world(world_dir, "heldout", size["heldout"], seed + 1)
+    # Images at the size the target was trained on: the processor would resize other sizes, and a resized
+    # (blurred) scene is not what the target's vision tower learned to parse.
+    image_size = world_models.recipe.image_size
+    write_world(world_dir, "pretrain", size["pretrain"], seed, image_size=image_size)
+    write_world(world_dir, "train", size["train"], seed, image_size=image_size)
+    write_world(world_dir, "heldout", size["heldout"], seed + 1, image_size=image_size)
     timed("world_data", start)
 
     _stage("phase 1: projector pretraining on captions")

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from massv.world import SPLITS, write_world
+from massv.world import DEFAULT_IMAGE_SIZE, SPLITS, write_world
 
 logger = logging.getLogger(__name__)
 
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=SPLITS, default="train")
     parser.add_argument("--num", type=int, default=1000, help="number of records")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
     args = parser.parse_args(argv)
     path = write_world(args.out, args.split, args.num, args.seed, image_size=args.image_size, progress=True)
     logger.info("wrote %s", path)

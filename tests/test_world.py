@@ -160,7 +160,7 @@ def test_llava_format(train_samples):
         human, gpt = (turn["value"] for turn in record["conversations"])
         assert human.startswith(IMAGE_TOKEN + "\n") and human.count(IMAGE_TOKEN) == 1
         assert IMAGE_TOKEN not in gpt
-        assert image.size == (64, 64) and image.mode == "RGB"
+        assert image.size == (world.DEFAULT_IMAGE_SIZE,) * 2 and image.mode == "RGB"
         ids.add(record["id"])
     assert len(ids) == len(train_samples)
     pretrain = [record for record, _ in generate_records("pretrain", 30, seed=0)]
