@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 logger = logging.getLogger(__name__)
 
 # Bump when anything that changes generated records or pixels changes; write_world then regenerates.
-WORLD_VERSION = 2
+WORLD_VERSION = 1
 
 IMAGE_TOKEN = "<image>"
 DEFAULT_IMAGE_SIZE = 96  # the world models see 96x96 images: each 32x32 cell is one merged image token
@@ -342,7 +342,7 @@ class ObjectGroup:
 
 @dataclass(frozen=True)
 class Scene:
-    """A set of objects on the 3x3 grid: a main shape drawn once or twice plus 0-3 other shapes, once each.
+    """A set of objects on the 3x3 grid: a main shape repeated 1-4 times plus 1-2 distractor shapes.
 
     Shapes and colours are unique per group, which is what makes "What colour is the square?" and
     "Where is the green triangle?" well defined.
@@ -388,20 +388,11 @@ def scene_bucket(scene: Scene) -> int:
     return int.from_bytes(digest[:4], "big") % _NUM_SCENE_BUCKETS
 
 
-# Scene composition: 1-4 groups (one shape and one colour each); the main group has 1-2 objects, the others one.
-# Version 1 had 2-8 objects (groups of up to 4): a target trained from scratch on a 2-core CPU never learned to
-# count and list them, so its answers barely depended on the image. One-group scenes matter for learning:
-# there, attending to every object gives the right answer, which is how a model first learns to look.
-MIN_GROUPS = 1
-MAX_GROUPS = 4
-MAX_GROUP_COUNT = 2
-
-
 def _draw_scene(rng: random.Random) -> Scene:
-    num_groups = rng.randint(MIN_GROUPS, MAX_GROUPS)
+    num_groups = rng.choice((2, 3))
     shapes = rng.sample(SHAPES, num_groups)
     colours = rng.sample(list(COLOURS), num_groups)
-    counts = [rng.randint(1, MAX_GROUP_COUNT)] + [1] * (num_groups - 1)
+    counts = [rng.randint(1, 4)] + [rng.randint(1, 2) for _ in range(num_groups - 1)]
     cells = rng.sample(range(9), sum(counts))
     objects: list[SceneObject] = []
     for shape, colour, count in zip(shapes, colours, counts):
@@ -593,7 +584,7 @@ def _position_task(scene: Scene, rng: random.Random) -> tuple[str, str]:
 
 def _compare_task(scene: Scene, rng: random.Random) -> tuple[str, str]:
     present = [group.shape for group in scene.groups()]
-    if rng.random() < 0.8 and len(present) >= 2:
+    if rng.random() < 0.8:
         shape_a, shape_b = rng.sample(present, 2)
     else:
         shape_a = rng.choice(present)

@@ -4,16 +4,14 @@ No pretrained VLM can be downloaded where this project is proven, so the demo of
 models that it trains itself. They use the real architectures and the real processor path:
 
 * a byte-level BPE tokenizer with Qwen2's special tokens and chat template, trained on world text;
-* a TARGET `Qwen2_5_VLForConditionalGeneration` (window-attention ViT + patch merger + mrope LM), trained in
-  two stages: its vision tower first learns to parse scenes (what is in the grid cell under each image
-  token: our stand-in for a pretrained encoder), then, with the encoder blocks frozen as in LLaVA, the
-  merger and the LM learn to answer the world's `train` questions (LLaVA format, loss on answer tokens
-  only). It answers held-out questions about colours, counts and positions: they live in the pixels only;
+* a TARGET `Qwen2_5_VLForConditionalGeneration` (window-attention ViT + patch merger + mrope LM), trained
+  end to end on the world's `train` split (LLaVA format, loss on answer tokens only) until it answers
+  held-out questions about colours, counts and positions correctly: the answers live in the pixels only;
 * a TEXT-ONLY `Qwen2ForCausalLM` with the same tokenizer, pretrained on the world's conversations without
   images: it knows how answers are phrased but not what the picture shows. It is the paper's text-only
   drafter baseline and the language model inside the MASSV drafter.
 
-The drafter LM is kept much cheaper per token than the target (two layers against ten), because the speedup
+The drafter LM is kept much cheaper per token than the target (one layer against eight), because the speedup
 of speculative decoding is bounded by that cost ratio; `measure_cost_ratio` reports it.
 
 `load_world_models()` returns the weights shipped in `massv/assets/world/` when their recipe hash matches the
@@ -62,7 +60,7 @@ from massv.tiny import build_qwen_processor, build_qwen_tokenizer, qwen_drafter_
 logger = logging.getLogger(__name__)
 
 # Bump when the training code changes what a recipe produces; it is part of every recipe hash.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 1
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets" / "world"
 RECIPE_FILE = "recipe.json"
@@ -83,16 +81,14 @@ NUM_CELLS = len(world.CELL_NAMES)  # the world's 3x3 grid
 class WorldRecipe:
     """Every size, seed and step count that decides the trained world models; its hash names the cache.
 
-    The defaults are the shipped recipe, sized for a shared 2-core CPU: about 35 CPU-minutes for the target
-    and 15 for the text LM. Images are 96x96 with 16x16 patches: after Qwen2.5-VL's 2x2 patch merger each
-    image is 9 LM tokens, and each token covers exactly one cell of the world's 3x3 grid (checked in
+    The defaults are the shipped recipe, sized for a shared 2-core CPU: about 25 CPU-minutes for the target
+    and a few for the text LM. Images are 96x96 with 16x16 patches: after Qwen2.5-VL's 2x2 patch merger
+    each image is 9 LM tokens, and each token covers exactly one cell of the world's 3x3 grid (checked in
     `__post_init__`). That alignment is what lets the vision tower be pretrained per token on "what is in
     this cell" and the LM learn to read it within a CPU budget; with 16 tokens straddling cell borders
-    (64x64, 8x8 patches) the target was still blind to most details after 1200 steps. The target is deep
-    and narrow (10 x 128) because at batch size 1 a CPU forward costs about the same per layer whatever the
-    width, so depth sets the target's per-token cost while width sets the training cost. The drafter LM has
-    two layers: one layer cannot chain "which object is next" into "what is its colour" (an induction-style
-    lookup), and with oracle image features a one-layer drafter barely beat the blind text LM.
+    (64x64, 8x8 patches) the target was still blind to most details after 1200 steps. The target is deep and narrow (10 x 192) because at batch size 1 a CPU forward costs about the
+    same per layer whatever the width, so depth sets the target's per-token cost while width sets the
+    training cost; the drafter LM has one layer.
     """
 
     seed: int = 0
@@ -102,10 +98,10 @@ class WorldRecipe:
     vocab_size: int = 512
     tokenizer_samples: int = 2000
     # Target VLM.
-    target_hidden_size: int = 128
+    target_hidden_size: int = 192
     target_layers: int = 10
     target_heads: int = 4
-    target_intermediate_size: int = 384
+    target_intermediate_size: int = 512
     vision_hidden_size: int = 128
     vision_depth: int = 4
     # Stage 0: the vision tower (with the merger) learns to parse scenes, standing in for a pretrained encoder.
@@ -113,20 +109,15 @@ class WorldRecipe:
     vision_batch_size: int = 32
     vision_lr: float = 2e-3
     vision_warmup_steps: int = 50
-    image_feature_norm: float = 1.0  # mean norm of image embeddings after pretraining (text embeddings: ~0.3)
-    # Stage 1: the LM learns to answer; the parsed-scene vision blocks stay frozen (LLaVA).
+    # Stage 1: the LM (and the merger) learn to answer; the parsed-scene vision blocks stay frozen (LLaVA).
     freeze_vision_blocks: bool = True
-    # The merger too: Adam's steps do not shrink with the weights, and after `rescale_image_features` its
-    # output layer is so small that a few dozen steps at the LM's learning rate overwrite the parsed scene.
-    train_merger: bool = False
-    target_steps: int = 2400
+    target_steps: int = 1200
     target_batch_size: int = 16
-    length_bucket_batches: int = 8
     target_lr: float = 2e-3
     target_warmup_steps: int = 100
     # Text-only drafter LM.
     text_hidden_size: int = 128
-    text_layers: int = 2
+    text_layers: int = 1
     text_heads: int = 4
     text_intermediate_size: int = 512
     text_steps: int = 1500
@@ -374,24 +365,20 @@ def _train_loop(model: torch.nn.Module, make_batch: Callable[[int], dict[str, to
     return losses
 
 
-# What the scene parser names for the grid cell under each image token; "none" for empty cells.
+# What fills each grid cell: shape (or none), colour (or none), size (or none); the scene parser's classes.
 PARSE_FIELDS: dict[str, tuple[str, ...]] = {
     "shape": ("none", *world.SHAPES),
     "colour": ("none", *world.COLOURS),
     "size": ("none", *world.SIZES),
-    # Where the token is. The ViT only has relative (rotary) positions, so this teaches it to find the image
-    # borders; the LM then reads "at the top left" off the token instead of working it out from mrope.
-    "cell": world.CELL_NAMES,
 }
 
 
 def scene_cell_labels(scene: world.Scene) -> torch.Tensor:
-    """`(NUM_CELLS, len(PARSE_FIELDS))` class ids per grid cell, in `PARSE_FIELDS` order."""
+    """`(NUM_CELLS, 3)` class ids (shape, colour, size) per grid cell, "none" for empty cells."""
     labels = torch.zeros(NUM_CELLS, len(PARSE_FIELDS), dtype=torch.long)
-    labels[:, list(PARSE_FIELDS).index("cell")] = torch.arange(NUM_CELLS)
     for obj in scene.objects:
-        for column, name in enumerate(("shape", "colour", "size")):
-            labels[obj.cell, column] = PARSE_FIELDS[name].index(getattr(obj, name))
+        for column, (name, classes) in enumerate(PARSE_FIELDS.items()):
+            labels[obj.cell, column] = classes.index(getattr(obj, name))
     return labels
 
 
@@ -418,7 +405,7 @@ class SceneParser(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
                 cell_labels: torch.Tensor | None = None) -> SceneParserOutput:
-        """`cell_labels: (batch, NUM_CELLS, len(PARSE_FIELDS))`; returns per-field logits `(batch, NUM_CELLS, classes)` and loss."""
+        """`cell_labels: (batch, NUM_CELLS, 3)`; returns per-field logits `(batch, NUM_CELLS, classes)` and loss."""
         # pooler_output: (batch * NUM_CELLS, dim) in raster order, which is the world's cell order.
         features = self.visual(pixel_values, grid_thw=image_grid_thw).pooler_output
         logits = self.head(features).view(image_grid_thw.shape[0], NUM_CELLS, -1)
@@ -441,7 +428,7 @@ def encode_vision_batch(processor: ProcessorMixin, scenes: Sequence[world.Scene]
 @torch.inference_mode()
 def scene_parsing_accuracy(parser: SceneParser, processor: ProcessorMixin, scenes: Sequence[world.Scene],
                            image_size: int) -> float:
-    """Fraction of grid cells whose every `PARSE_FIELDS` entry is parsed right."""
+    """Fraction of grid cells whose shape, colour and size are all parsed right."""
     batch = encode_vision_batch(processor, scenes, image_size)
     logits = parser(batch["pixel_values"], batch["image_grid_thw"]).logits
     predicted = torch.stack([field.argmax(-1) for field in logits], dim=-1)
@@ -471,28 +458,7 @@ def pretrain_vision(target: Qwen2_5_VLForConditionalGeneration, processor: Proce
                          recipe, "vision", progress, probe, probe_every)
     accuracy = scene_parsing_accuracy(parser, processor, heldout_scenes, recipe.image_size)
     logger.info("vision pretraining: heldout cell accuracy %.4f", accuracy)
-    rescale_image_features(target, processor, heldout_scenes[:64], recipe)
     return losses, accuracy
-
-
-@torch.no_grad()
-def rescale_image_features(target: Qwen2_5_VLForConditionalGeneration, processor: ProcessorMixin,
-                           scenes: Sequence[world.Scene], recipe: WorldRecipe) -> float:
-    """Scale the merger's output layer so image embeddings have mean norm `recipe.image_feature_norm`.
-
-    Why: scene parsing leaves the merged features hundreds of times larger than the LM's token embeddings;
-    in a pre-norm LM a position that large cannot be changed by its layers, so the LM could not add to the
-    image tokens what it needs. Scaling a linear layer keeps every bit of the parsed information. Returns
-    the scale applied.
-    """
-    batch = encode_vision_batch(processor, scenes, recipe.image_size)
-    features = target.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
-    scale = recipe.image_feature_norm / float(features.norm(dim=-1).mean())
-    output_layer = target.model.visual.merger.mlp[-1]
-    output_layer.weight.mul_(scale)
-    output_layer.bias.mul_(scale)
-    logger.info("image features rescaled by %.4g to mean norm %.2f", scale, recipe.image_feature_norm)
-    return scale
 
 
 def train_target(target: Qwen2_5_VLForConditionalGeneration, processor: ProcessorMixin, recipe: WorldRecipe,
@@ -505,36 +471,20 @@ def train_target(target: Qwen2_5_VLForConditionalGeneration, processor: Processo
     touches the weights).
     """
     if recipe.freeze_vision_blocks:
+        # The merger (the projector into the LM) keeps training; the parsed-scene encoder below it does not.
         target.model.visual.requires_grad_(False)
-        target.model.visual.merger.requires_grad_(recipe.train_merger)
+        target.model.visual.merger.requires_grad_(True)
     batch_size = recipe.target_batch_size
 
     def probe() -> str:
         probe_records, probe_images = heldout_records(48, recipe.eval_seed + 1, image_size=recipe.image_size)
         answers = generate_target_answers(target, processor, probe_records, probe_images, recipe.max_new_tokens)
         scores = score_answers(probe_records, answers)
-        colour = scores.get("colour", {}).get("colour_word", float("nan"))
-        return ", ".join(f"{kind} {row['exact']:.2f}" for kind, row in scores.items()) + f"; colour word {colour:.2f}"
-
-    group_size = recipe.length_bucket_batches * batch_size
-    group_cache: dict[int, tuple[list[dict[str, Any]], list[Image.Image]]] = {}
+        return ", ".join(f"{kind} {row['exact']:.2f}" for kind, row in scores.items())
 
     def make_batch(step: int) -> dict[str, torch.Tensor]:
-        # Length bucketing: the records of `length_bucket_batches` consecutive steps are sorted by length and
-        # dealt out in that order, so a batch pads to similar lengths (captions are 3x longer than other
-        # answers and padding was a quarter of the compute).
-        group, position = divmod(step, recipe.length_bucket_batches)
-        if group not in group_cache:
-            group_cache.clear()
-            records, images = train_examples("train", recipe.seed, group * group_size, group_size, recipe.image_size)
-            order = sorted(range(group_size), key=lambda i: len(record_question(records[i]) + record_answer(records[i])))
-            group_cache[group] = ([records[i] for i in order], [images[i] for i in order])
-        records, images = group_cache[group]
-        # Visit the group's batches in a seeded random order, not shortest first.
-        position = random.Random(f"{recipe.seed}:{group}").sample(range(recipe.length_bucket_batches),
-                                                                   recipe.length_bucket_batches)[position]
-        chunk = slice(position * batch_size, (position + 1) * batch_size)
-        return encode_target_batch(processor, target, records[chunk], images[chunk])
+        records, images = train_examples("train", recipe.seed, step * batch_size, batch_size, recipe.image_size)
+        return encode_target_batch(processor, target, records, images)
 
     torch.manual_seed(recipe.seed)
     return _train_loop(target, make_batch, recipe.target_steps, recipe.target_lr, recipe.target_warmup_steps,

@@ -145,7 +145,7 @@ def test_quick_study_end_to_end_and_reused(tmp_path):  # about 30 s on a shared 
         (name, recovered) for name in (DENSE, "drop 1 layer", "drop 2 layers", "50 % sparse", "70 % sparse", "2:4 sparse")
         for recovered in (False, True)]
     by_name = {(r["variant"], r["recovered"]): r for r in rows}
-    assert by_name[DENSE, False]["num_layers"] == 4  # the deeper study LM, not the recipe's own
+    assert by_name[DENSE, False]["num_layers"] == 4  # the deeper study LM, not the recipe's one layer
     assert by_name["drop 1 layer", False]["num_layers"] == 3 and by_name["drop 2 layers", True]["num_layers"] == 2
     dense_macs = by_name[DENSE, False]["macs_per_token"]
     assert dense_macs > by_name["drop 1 layer", False]["macs_per_token"] > by_name["drop 2 layers", False]["macs_per_token"]

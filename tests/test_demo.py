@@ -27,6 +27,12 @@ def test_quick_demo_end_to_end(tmp_path):
     assert report["lossless"]["mismatches"] == 0
     assert (out / "report.md").read_text().startswith("# MASSV demo report")
     assert (out / "report.png").stat().st_size > 10_000
+    # The world images are written at the size the target was trained on: any other size is resampled by the
+    # processor, and a blurred scene is not what the target's vision tower learned to parse.
+    from PIL import Image
+
+    with Image.open(next((out / "world" / "images").glob("heldout_*.png"))) as image:
+        assert image.size == (WorldRecipe().image_size,) * 2
     # A second run reuses every trained stage instead of training again.
     assert main(["--quick", "--out", str(out)]) == 0
     second = json.loads((out / "report.json").read_text())

@@ -17,7 +17,6 @@ from transformers import AutoProcessor
 from massv import world
 from massv.world_models import (
     ASSETS_DIR,
-    PARSE_FIELDS,
     WorldModels,
     WorldRecipe,
     asked_colour,
@@ -28,7 +27,6 @@ from massv.world_models import (
     load_world_models,
     record_answer,
     record_question,
-    scene_cell_labels,
     score_answers,
     stored_recipe_hash,
     valid_answers,
@@ -88,23 +86,6 @@ def test_recipe_rejects_unknown_fields_and_image_tokens_that_straddle_cells() ->
         WorldRecipe.from_dict({"target_layerz": 3})
     with pytest.raises(ValueError, match="grid cell"):
         WorldRecipe(image_size=64, patch_size=8)  # 4x4 merged tokens on a 3x3 grid
-
-
-# ---- scene parsing labels ------------------------------------------------------------------------------
-
-
-def test_scene_cell_labels_name_content_and_position_of_every_cell() -> None:
-    circle = dict(shape="circle", colour="red", size="small")
-    scene = world.Scene((world.SceneObject(cell=4, **circle), world.SceneObject(cell=2, shape="square", colour="blue",
-                                                                                size="large"),
-                         world.SceneObject(cell=0, **circle)))
-    labels = scene_cell_labels(scene)
-    named = [{field: PARSE_FIELDS[field][int(value)] for field, value in zip(PARSE_FIELDS, row)} for row in labels]
-    assert named[0] == {**circle, "cell": "top left"}
-    assert named[4] == {**circle, "cell": "center"}
-    assert named[2] == {"shape": "square", "colour": "blue", "size": "large", "cell": "top right"}
-    for cell in (1, 3, 5, 6, 7, 8):
-        assert named[cell] == {"shape": "none", "colour": "none", "size": "none", "cell": world.CELL_NAMES[cell]}
 
 
 # ---- scoring -------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The demo-world compression study (`massv demo --compress`): MAL vs drafter MACs for dense, layer-pruned
 (1 and 2 layers) and sparse (50 %, 70 %, 2:4) MASSV drafters, each with and without self-distilled recovery.
 
-Why a study of its own: the demo's drafter LM has two decoder layers (a low drafter/target cost ratio is
-what makes the demo fast), and dropping one or two of two layers says little. So the study
+Why a study of its own: the demo's drafter LM has a single decoder layer (a low drafter/target cost ratio is
+what makes the demo fast), and a one-layer LM has no layer to drop. So the study
   1. trains a DEEPER text LM (`StudySize.text_layers` layers; otherwise the recipe's text LM: same width,
      tokenizer, world text and optimiser, via `world_models.train_text_lm`),
   2. makes it a MASSV drafter with the demo's two phases (configs/demo.yaml: the projector on captions, then
@@ -61,7 +61,7 @@ class StudySize:
     """Everything the study's size decides (the world models and data come from the caller)."""
 
     text_layers: int = 4
-    # A 4-layer LM costs about twice the recipe's two-layer LM per step; 600 steps of 64 conversations
+    # A 4-layer LM costs about three times the recipe's one-layer LM per step; 600 steps of 64 conversations
     # teach it the world's language, and phase 2 then tunes it on the target's own answers. None: the recipe's.
     text_steps: int | None = 600
     phase1_steps: int = 300
