@@ -92,7 +92,7 @@ class WorldRecipe:
     """
 
     seed: int = 0
-    image_size: int = 96
+    image_size: int = world.DEFAULT_IMAGE_SIZE
     patch_size: int = 16
     # Tokenizer: byte-level BPE trained on this many records per split of world text.
     vocab_size: int = 512
@@ -649,7 +649,7 @@ def asked_colour(record: dict[str, Any]) -> str | None:
     return None
 
 
-def heldout_records(num_samples: int, seed: int, kinds: Iterable[str] | None = None, image_size: int = 96
+def heldout_records(num_samples: int, seed: int, kinds: Iterable[str] | None = None, image_size: int = world.DEFAULT_IMAGE_SIZE
                     ) -> tuple[list[dict[str, Any]], list[Image.Image]]:
     """The first `num_samples` heldout records of `seed` whose task is in `kinds` (all kinds if None).
 
@@ -735,7 +735,7 @@ def score_answers(records: Sequence[dict[str, Any]], answers: Sequence[str]) -> 
 @torch.inference_mode()
 def measure_cost_ratio(target: Qwen2_5_VLForConditionalGeneration, text_lm: Qwen2ForCausalLM,
                        processor: ProcessorMixin, context_tokens: int = 100, decode_steps: int = 64,
-                       image_size: int = 96, seed: int = 0) -> dict[str, float]:
+                       image_size: int = world.DEFAULT_IMAGE_SIZE, seed: int = 0) -> dict[str, float]:
     """Median time of one cached single-token forward of each model at a ~`context_tokens` context.
 
     Why: speculative decoding's speedup is bounded by c = drafter step / target step. The target is driven

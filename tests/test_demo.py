@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from PIL import Image
+
 from massv.demo import DRAFTERS, main
 from massv.world_models import ASSETS_DIR, WorldRecipe, stored_recipe_hash
 
@@ -29,8 +31,6 @@ def test_quick_demo_end_to_end(tmp_path):
     assert (out / "report.png").stat().st_size > 10_000
     # The world images are written at the size the target was trained on: any other size is resampled by the
     # processor, and a blurred scene is not what the target's vision tower learned to parse.
-    from PIL import Image
-
     with Image.open(next((out / "world" / "images").glob("heldout_*.png"))) as image:
         assert image.size == (WorldRecipe().image_size,) * 2
     # A second run reuses every trained stage instead of training again.
