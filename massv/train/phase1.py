@@ -12,36 +12,20 @@ see the target's chat layout at inference, so it pretrains in that layout too.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 
 from accelerate.utils import set_seed
 from datasets import Dataset
 from transformers import PreTrainedModel, ProcessorMixin
 
-from massv.config import RunConfig, save_resolved_config
+from massv.config import RunConfig
 from massv.drafter import MultimodalDrafter
-from massv.train.builders import (
-    build_train_dataset,
-    final_dir,
-    keep_trainable_in_fp32,
-    load_phase_records,
-    move_vision_to,
-    resolve_objects,
-    storage_dtype,
-)
-from massv.train.loop import TrainResult, make_accelerator, train_loop
+from massv.train.builders import resolve_objects
+from massv.train.loop import make_accelerator
+from massv.train.phase_run import PhaseResult, save_final_drafter, train_drafter
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class PhaseResult:
-    """A finished (or deliberately interrupted) phase: the trained drafter and where it was saved."""
-
-    drafter: MultimodalDrafter
-    train: TrainResult
-    final_path: Path | None  # None when the run stopped early (stop_after_steps)
+__all__ = ["PhaseResult", "run"]
 
 
 def run(config: RunConfig, *, resume: bool = False, target: PreTrainedModel | None = None,
@@ -61,35 +45,9 @@ def run(config: RunConfig, *, resume: bool = False, target: PreTrainedModel | No
         logger.warning("phase1.lora is ignored: phase 1 trains the projector only")
 
     drafter.set_trainable("phase1")  # projector only: LM and vision encoder frozen
-    keep_trainable_in_fp32(drafter)
-    move_vision_to(drafter, accelerator.device)
-    if cfg.gradient_checkpointing:
-        drafter.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    records = dataset if dataset is not None else load_phase_records(config, 1)[0]
-    train_data, collator = build_train_dataset(config, records, processor, drafter)
-    if cache_image_features:  # small data sets only (tests, demo): features are kept in memory
-        train_data.cache_image_features(lambda inputs: drafter.encode_images(
-            {name: value.to(accelerator.device) for name, value in inputs.items()}))
-    if accelerator.is_main_process:
-        save_resolved_config(config, cfg.output_dir)
-    result = train_loop(accelerator, drafter, train_data, collator, cfg, resume=resume,
-                        num_workers=config.data.num_workers, stop_after_steps=stop_after_steps,
-                        run_name="phase1", tracker_config=config.to_dict())
-    drafter = accelerator.unwrap_model(drafter)
+    drafter, result = train_drafter(config, 1, accelerator, drafter, processor, dataset, resume=resume,
+                                    stop_after_steps=stop_after_steps, cache_image_features=cache_image_features)
     if not result.finished:
         return PhaseResult(drafter=drafter, train=result, final_path=None)
-
-    path = final_dir(cfg.output_dir)
-    dtype = storage_dtype(config.model)
-    if dtype is not None:
-        drafter.projector.to(dtype=dtype)
-    if cfg.gradient_checkpointing:
-        drafter.language_model.gradient_checkpointing_disable()
-    drafter.eval()
-    if accelerator.is_main_process:
-        drafter.save_pretrained(path)
-        logger.info("phase 1 done: drafter saved to %s", path)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    path = save_final_drafter(config, 1, accelerator, drafter, [drafter.projector])
     return PhaseResult(drafter=drafter, train=result, final_path=path)

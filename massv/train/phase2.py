@@ -16,19 +16,11 @@ from accelerate.utils import set_seed
 from datasets import Dataset
 from transformers import PreTrainedModel, ProcessorMixin
 
-from massv.config import LoraConfig, RunConfig, save_resolved_config
+from massv.config import LoraConfig, RunConfig
 from massv.drafter import MultimodalDrafter
-from massv.train.builders import (
-    build_train_dataset,
-    final_dir,
-    keep_trainable_in_fp32,
-    load_phase_records,
-    move_vision_to,
-    resolve_objects,
-    storage_dtype,
-)
-from massv.train.loop import make_accelerator, train_loop
-from massv.train.phase1 import PhaseResult
+from massv.train.builders import resolve_objects
+from massv.train.loop import make_accelerator
+from massv.train.phase_run import PhaseResult, save_final_drafter, train_drafter
 
 logger = logging.getLogger(__name__)
 
@@ -60,38 +52,11 @@ def run(config: RunConfig, *, resume: bool = False, target: PreTrainedModel | No
     drafter.set_trainable("phase2")  # projector + LM; vision encoder frozen
     if cfg.lora is not None:
         add_lora(drafter, cfg.lora)  # freezes the LM's own weights again, adapters train
-    keep_trainable_in_fp32(drafter)
-    move_vision_to(drafter, accelerator.device)
-    if cfg.gradient_checkpointing:
-        drafter.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    records = dataset if dataset is not None else load_phase_records(config, 2)[0]
-    train_data, collator = build_train_dataset(config, records, processor, drafter)
-    if cache_image_features:  # small data sets only (tests, demo): features are kept in memory
-        train_data.cache_image_features(lambda inputs: drafter.encode_images(
-            {name: value.to(accelerator.device) for name, value in inputs.items()}))
-    if accelerator.is_main_process:
-        save_resolved_config(config, cfg.output_dir)
-    result = train_loop(accelerator, drafter, train_data, collator, cfg, resume=resume,
-                        num_workers=config.data.num_workers, stop_after_steps=stop_after_steps,
-                        run_name="phase2", tracker_config=config.to_dict())
-    drafter = accelerator.unwrap_model(drafter)
+    drafter, result = train_drafter(config, 2, accelerator, drafter, processor, dataset, resume=resume,
+                                    stop_after_steps=stop_after_steps, cache_image_features=cache_image_features)
     if not result.finished:
         return PhaseResult(drafter=drafter, train=result, final_path=None)
-
     if cfg.lora is not None:
         drafter.language_model = drafter.language_model.merge_and_unload()
-    if cfg.gradient_checkpointing:
-        drafter.language_model.gradient_checkpointing_disable()
-    dtype = storage_dtype(config.model)
-    if dtype is not None:
-        drafter.language_model.to(dtype=dtype)
-        drafter.projector.to(dtype=dtype)
-    drafter.eval()
-    path = final_dir(cfg.output_dir)
-    if accelerator.is_main_process:
-        drafter.save_pretrained(path)
-        logger.info("phase 2 done: drafter saved to %s", path)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    path = save_final_drafter(config, 2, accelerator, drafter, [drafter.language_model, drafter.projector])
     return PhaseResult(drafter=drafter, train=result, final_path=path)
