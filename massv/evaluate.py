@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--world-seed", type=int, default=1234, help="benchmark 'world' only: scene seed")
     parser.add_argument("--world-num", type=int, default=50, help="benchmark 'world' only: number of samples")
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto: the checkpoint's dtype on an accelerator, float32 on the CPU (default)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     args = parser.parse_args(argv)
 

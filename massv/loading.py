@@ -26,9 +26,22 @@ def resolve_dtype(name: str) -> Any:
     return DTYPES[name]
 
 
+def resolve_model_dtype(name: str, device: str | None) -> Any:
+    """`resolve_dtype`, except that "auto" means float32 when the model will run on the CPU.
+
+    Why: a half-precision checkpoint run on a CPU is slow, and its rounding differs between the target's
+    k+1-token verification forward and `generate`'s one-token forwards, which flips greedy choices where two
+    tokens are nearly tied: `massv eval` on the world's float16 target saw 2 of 40 outputs differ from
+    `target.generate` in float16, none in float32.
+    """
+    if name == "auto" and (device is None or device.startswith("cpu")):  # load_target keeps device=None on CPU
+        return torch.float32
+    return resolve_dtype(name)
+
+
 def load_target(name_or_path: str, dtype: str = "auto", device: str | None = None) -> tuple[Any, Any]:
     """The target VLM and its processor; the family is checked up front so an unsupported one fails fast."""
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=resolve_dtype(dtype))
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=resolve_model_dtype(dtype, device))
     get_adapter(model.config)
     if device:
         model.to(device)
@@ -47,7 +60,8 @@ def load_drafter(name_or_path: str, target: Any, target_tokenizer: Any, dtype: s
     if is_massv_drafter(name_or_path):
         drafter = MultimodalDrafter.from_pretrained(name_or_path, target=target)
         return drafter.to(device=target.device)
-    lm = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype)).to(target.device).eval()
+    lm = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_model_dtype(dtype, target.device.type))
+    lm = lm.to(target.device).eval()
     check_drafter_tokenizer(name_or_path, target_tokenizer)
     return lm
 

@@ -855,6 +855,9 @@ def train_world_models(recipe: WorldRecipe, out_dir: str | os.PathLike, progress
         processor.save_pretrained(staging / PROCESSOR_DIR)
         copy.deepcopy(target).to(save_dtype).save_pretrained(staging / TARGET_DIR)
         copy.deepcopy(text_lm).to(save_dtype).save_pretrained(staging / TEXT_LM_DIR)
+        # Each model directory is self-contained, as on the Hub: `massv eval --target <dir>` finds its processor.
+        processor.save_pretrained(staging / TARGET_DIR)
+        tokenizer.save_pretrained(staging / TEXT_LM_DIR)
         (staging / RECIPE_FILE).write_text(json.dumps({"hash": recipe.hash(), "world_version": world.WORLD_VERSION,
                                                         "format_version": FORMAT_VERSION, "recipe": recipe.to_dict()},
                                                        indent=2) + "\n")

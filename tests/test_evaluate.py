@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from massv import MultimodalDrafter
 from massv.benchmarks import SUPPORTED_BENCHMARKS
@@ -67,3 +69,17 @@ def test_eval_with_text_only_drafter_and_missing_benchmark_file(saved_models, tm
             "--target", str(saved_models / "target"), "--drafter", str(saved_models / "drafter"),
             "--benchmark", "gqa", "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"),
         ])
+
+
+def test_auto_dtype_runs_half_precision_checkpoints_in_float32_on_the_cpu(saved_models, tmp_path, tiny_pair):
+    from massv.loading import load_drafter, load_target
+
+    half = tmp_path / "half_target"
+    copy.deepcopy(tiny_pair.target).to(torch.float16).save_pretrained(half)  # the shared fixture stays float32
+    tiny_pair.processor.save_pretrained(half)
+    target, processor = load_target(str(half))  # dtype "auto", no device: stays on the CPU
+    assert target.dtype == torch.float32
+    text_lm = load_drafter(str(saved_models / "text_lm"), target, processor.tokenizer)
+    assert text_lm.dtype == torch.float32
+    explicit, _ = load_target(str(half), dtype="float16")  # an explicit dtype is respected
+    assert explicit.dtype == torch.float16

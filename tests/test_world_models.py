@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoProcessor
+from transformers import AutoProcessor, AutoTokenizer
 
 from massv import world
 from massv.world_models import (
@@ -221,6 +221,9 @@ def test_minuscule_recipe_trains_saves_and_reloads_from_cache(tmp_path, monkeypa
     assert {p.name for p in expected_dir.iterdir()} >= {"target", "text_lm", "processor", "recipe.json", "metrics.json"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging directories left behind
     assert models.target.config.text_config.num_hidden_layers == 1
+    # Model directories are self-contained: the target's holds its processor, the text LM's its tokenizer.
+    assert AutoProcessor.from_pretrained(expected_dir / "target").tokenizer.vocab == models.tokenizer.vocab
+    assert AutoTokenizer.from_pretrained(expected_dir / "text_lm").vocab == models.tokenizer.vocab
     assert models.metrics["heldout"]["target"]["all"]["n"] == TINY_RECIPE.eval_samples
 
     import massv.world_models as world_models
