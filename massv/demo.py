@@ -237,7 +237,7 @@ def _markdown(report: dict[str, Any]) -> str:
     ratio = report["mal_ratio_massv_vs_text_only_greedy"]
     lines += [
         "",
-        f"MAL(full MASSV) / MAL(text-only drafter), greedy: **{ratio:.2f}x**" if ratio else "",
+        f"MAL(full MASSV) / MAL(text-only drafter), greedy: **{ratio:.3f}x**" if ratio else "",
         f"Greedy outputs identical to the target's own: {report['lossless']['checked'] - report['lossless']['mismatches']}"
         f"/{report['lossless']['checked']}.",
         "",
