@@ -81,8 +81,9 @@ def _train_or_load(config: RunConfig, phase: int, target: Any, drafter: Multimod
                    records: Any) -> MultimodalDrafter:
     """Run a phase unless its final drafter exists (then load it: a second demo run reuses the stage)."""
     from massv.train import train_phase
+    from massv.train.phase_run import phase_config
 
-    output_dir = config.phase1.output_dir if phase == 1 else config.phase2.output_dir
+    output_dir = phase_config(config, phase).output_dir
     if (_final(output_dir) / "massv_drafter.json").is_file():
         logger.info("reusing %s", _final(output_dir))
         return MultimodalDrafter.from_pretrained(_final(output_dir), target=target)

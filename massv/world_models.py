@@ -718,7 +718,7 @@ CONTENT_WORDS: frozenset[str] = frozenset({
 
 
 def content_words(text: str) -> tuple[str, ...]:
-    """The fact-bearing words of `text`, in order ("a" counts as "one" only through the number words)."""
+    """The fact-bearing words of `text` (`CONTENT_WORDS`), in order."""
     return tuple(word for word in re.findall(r"[a-z]+", text.lower()) if word in CONTENT_WORDS)
 
 
@@ -995,7 +995,7 @@ def _model_card(recipe: WorldRecipe, metrics: dict[str, Any]) -> str:
     for name in ("target", "text_lm"):
         for kind, row in metrics["heldout"][name].items():
             colour = f"{row['colour_word']:.3f}" if "colour_word" in row else ""
-            lines.append(f"| {name} | {kind} | {row['n']} | {row['exact']:.3f} | {row.get('content', float('nan')):.3f} "
+            lines.append(f"| {name} | {kind} | {row['n']} | {row['exact']:.3f} | {row['content']:.3f} "
                          f"| {row['exact_reference']:.3f} "
                          f"| {row['well_formed']:.3f} | {colour} |")
     cost = metrics["cost"]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from massv.config import RunConfig
-    from massv.train.phase1 import PhaseResult
+    from massv.train.phase_run import PhaseResult
 
 
 def train_phase(config: RunConfig, phase: int | str, **kwargs: Any) -> PhaseResult:

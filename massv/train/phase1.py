@@ -25,8 +25,6 @@ from massv.train.phase_run import PhaseResult, save_final_drafter, train_drafter
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PhaseResult", "run"]
-
 
 def run(config: RunConfig, *, resume: bool = False, target: PreTrainedModel | None = None,
         drafter: MultimodalDrafter | None = None, processor: ProcessorMixin | None = None,
