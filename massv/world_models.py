@@ -790,7 +790,8 @@ def measure_cost_ratio(target: Qwen2_5_VLForConditionalGeneration, text_lm: Qwen
     draft_times: list[float] = []
     for step in range(decode_steps):
         started = time.perf_counter()
-        decode_kwargs = adapter.target_decode_kwargs(position_state, input_ids.shape[1] + step, 1)
+        decode_kwargs = adapter.target_decode_kwargs(
+            position_state, torch.arange(input_ids.shape[1] + step, input_ids.shape[1] + step + 1, device=target.device))
         target_cache = target(input_ids=next_token, past_key_values=target_cache, use_cache=True,
                               **decode_kwargs).past_key_values
         target_times.append(time.perf_counter() - started)

@@ -22,7 +22,8 @@ def _target_step_by_step(pair, inputs, num_steps):
         for _ in range(num_steps - 1):
             token = logits[-1].argmax(-1, keepdim=True)
             tokens.append(int(token))
-            step_kwargs = adapter.target_decode_kwargs(position_state, cache.get_seq_length(), 1)
+            past = cache.get_seq_length()
+            step_kwargs = adapter.target_decode_kwargs(position_state, torch.arange(past, past + 1))
             output = pair.target(input_ids=token, past_key_values=cache, use_cache=True, **step_kwargs)
             logits.append(output.logits[:, -1])
         tokens.append(int(logits[-1].argmax(-1)))
@@ -121,7 +122,7 @@ def test_qwen_decode_positions_follow_mrope_delta(tiny_pair):
     # 16 image tokens on a 4x4 grid take 4 positions, so text after the image runs 12 positions behind.
     assert int(rope_deltas) == -12
     assert int(kwargs["position_ids"].max()) + 1 == prompt_length + int(rope_deltas)
-    step = adapter.target_decode_kwargs(rope_deltas, prompt_length, 3)["position_ids"]
+    step = adapter.target_decode_kwargs(rope_deltas, torch.arange(prompt_length, prompt_length + 3))["position_ids"]
     assert step.shape == (3, 1, 3) and step[0, 0].tolist() == [prompt_length - 12 + i for i in range(3)]
 
 

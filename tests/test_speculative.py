@@ -17,7 +17,7 @@ from PIL import Image
 from massv.drafter import MultimodalDrafter
 from massv.families import FamilyAdapter, get_adapter
 from massv.speculative import GenerationStats, SpeculativeGenerator, TargetAsDrafter
-from massv.speculative.engine import _LanguageModelSession, _TargetSession
+from massv.speculative import CommittedTokens, DraftRequest, SamplingConfig, TargetVerifier, proposer_class_for
 from massv.tiny import TinyPair, build_tiny_pair
 
 FAMILIES = ["qwen2_5_vl", "gemma3"]
@@ -180,10 +180,11 @@ def test_stops_exactly_at_eos_inside_a_block(setup: FamilySetup, drafter_kind: s
     assert output.stats.stopped_by == "eos"
     _check_stats_consistent(output.stats, expected)
     if drafter_kind == "target-copy":
-        # One block: drafts 1..8 proposed, the EOS at index stop_at is accepted and ends the output.
+        # One block: the drafter stops at its drafted EOS (draft stop_at - 1, after the prefill's token);
+        # it is accepted and ends the output. Nothing past it is drafted (main drafted all 8).
         assert output.stats.accepted_lengths == [stop_at]
         assert output.stats.accepted_drafts == [stop_at]
-        assert output.stats.proposed_drafts == [8]
+        assert output.stats.proposed_drafts == [stop_at]
 
 
 # ---- 2. an agreeing drafter: exact stats ------------------------------------------------------------
@@ -206,7 +207,8 @@ def test_target_as_drafter_accepts_everything(setup: FamilySetup, num_draft_toke
     assert stats.position_judged[0] == len(expected_lengths)
     assert stats.mean_accepted_length == pytest.approx((max_new_tokens - 1) / len(expected_lengths))
     assert stats.target_forwards == 1 + len(expected_lengths)
-    assert stats.drafter_forwards == sum(stats.proposed_drafts)  # one forward per draft, prompt pass included
+    assert stats.drafter_forwards == 1 + sum(stats.proposed_drafts)  # the prompt pass, then one forward per draft
+    assert stats.mean_accepted_length_full_blocks == num_draft_tokens + 1  # whatever max_new_tokens clips
     assert stats.stopped_by == "max_new_tokens"
     summary = stats.to_dict()
     assert summary["verification_steps"] == len(expected_lengths)
@@ -242,72 +244,75 @@ def _full_recompute_logits(setup: FamilySetup, inputs, appended: list[int]) -> t
 
 
 def test_target_cache_rollback_matches_recompute(setup: FamilySetup) -> None:
-    """Extend by a block, crop part of it, repeat past the sliding window; logits equal a recompute."""
+    """Verify a block, roll part of it back, repeat past the sliding window; logits equal a recompute."""
     target, adapter = setup.pair.target, setup.adapter
     inputs = setup.cases[3]
     image_inputs = {name: inputs[name] for name in adapter.image_input_names if name in inputs}
     projected = adapter.encode_images(adapter.vision_modules(target), image_inputs, "projected")
-    session = _TargetSession(target, adapter)
+    verifier = TargetVerifier(target, adapter)
     rng = np.random.default_rng(5)
     kept: list[int] = []
     text_vocab = len(setup.pair.tokenizer)
     with torch.no_grad():
-        session.prefill(inputs["input_ids"], image_inputs, projected)
+        verifier.prefill(inputs["input_ids"], image_inputs, projected)
         for _ in range(10):
             block = rng.integers(10, text_vocab - 10, size=6).tolist()
-            session.extend(block)
+            verifier.verify(torch.tensor([block]))
             num_dropped = int(rng.integers(1, 6))
-            session.rollback(num_dropped)
+            verifier.rollback(num_dropped)
             kept += block[: 6 - num_dropped]
             next_token = int(rng.integers(10, text_vocab - 10))
-            cached_logits = session.extend([next_token])[-1]
-            session.rollback(0)
+            cached_logits = verifier.verify(torch.tensor([[next_token]]))[-1].float()
+            verifier.rollback(0)
             kept.append(next_token)
             reference = _full_recompute_logits(setup, inputs, kept)
             assert torch.allclose(cached_logits, reference, atol=1e-5, rtol=0), (cached_logits - reference).abs().max()
-    assert session.length == inputs["input_ids"].shape[1] + len(kept)
+    assert verifier.length == inputs["input_ids"].shape[1] + len(kept)
     window = target.config.get_text_config().sliding_window
-    if any(layer.is_sliding for layer in session.cache.layers):
+    if any(layer.is_sliding for layer in verifier.cache.layers):
         assert len(kept) > window  # the generated part alone crossed the window: the hard case was tested
 
 
 @pytest.mark.parametrize("drafter_kind", ["multimodal", "text"])
 def test_drafter_cache_rollback_matches_recompute(setup: FamilySetup, drafter_kind: str) -> None:
-    """The drafter's sync-and-crop leaves a cache whose logits equal a fresh pass over the same tokens.
+    """After many propose/commit rounds the proposer's next q equals a fresh proposer's on the same tokens.
 
     (A wrong drafter cache would never break losslessness, only acceptance: hence its own test.)
     """
     drafter = setup.drafter(drafter_kind)
     inputs = setup.cases[4]
-    image_inputs = {name: inputs[name] for name in setup.adapter.image_input_names if name in inputs}
-    if drafter_kind == "multimodal":
-        prompt = inputs["input_ids"][0].tolist()
-        features = drafter.encode_images(image_inputs)
-        rows = drafter.language_model.get_input_embeddings().num_embeddings
-    else:
-        prompt = setup.adapter.strip_image_tokens(inputs["input_ids"])[0].tolist()
-        features = None
-        rows = drafter.get_input_embeddings().num_embeddings
+    adapter, target = setup.adapter, setup.pair.target
+    image_inputs = {name: inputs[name] for name in adapter.image_input_names if name in inputs}
+    features = adapter.encode_image_features(adapter.vision_modules(target), image_inputs, ("projected",))
+    proposer_class = proposer_class_for(drafter)
+    request = DraftRequest(target=target, adapter=adapter, prompt_ids=inputs["input_ids"], image_inputs=image_inputs,
+                           vision_features=features, settings=SamplingConfig(temperature=1.0),
+                           eos_token_ids=frozenset(), replacement_id=0)
 
-    def fresh_session() -> _LanguageModelSession:
-        return _LanguageModelSession(drafter, prompt, rows, rows, 0, features)
+    def started(sequence: CommittedTokens):
+        proposer = proposer_class(drafter, request)
+        proposer.prefill(sequence)
+        return proposer
 
-    session = fresh_session()
     rng = np.random.default_rng(6)
-    committed: list[int] = []
+    sequence = CommittedTokens(inputs["input_ids"], capacity=200)
+    sequence.append([int(rng.integers(10, 100))])
+    proposer = started(sequence)
+    kept_counts = []
     with torch.no_grad():
         for _ in range(12):
-            pending = session.sync(prompt + committed)
-            drafts = rng.integers(10, len(setup.pair.tokenizer) - 10, size=4).tolist()
-            for token in [None] + drafts[:-1]:  # feed like the engine: pending first, then each draft
-                session.forward(pending if token is None else [token])
-            num_kept = int(rng.integers(0, 4))
-            committed += drafts[:num_kept] + [int(rng.integers(10, 100))]
-        pending = session.sync(prompt + committed)
-        cached_logits = session.forward(pending)
-        reference = fresh_session().forward(prompt + committed)
-    assert len(committed) > 16  # past the tiny configs' sliding window
-    assert torch.allclose(cached_logits, reference, atol=1e-5, rtol=0), (cached_logits - reference).abs().max()
+            proposal = proposer.propose(sequence, 4)
+            num_kept = int(rng.integers(0, 5))
+            kept_counts.append(num_kept)
+            proposer.commit(num_kept)
+            sequence.append(proposal.token_list[:num_kept] + [int(rng.integers(10, 100))])
+        cached_q = proposer.propose(sequence, 1).probs[0]
+        fresh = CommittedTokens(inputs["input_ids"], capacity=200)
+        fresh.append(sequence.generated)
+        reference_q = started(fresh).propose(fresh, 1).probs[0]
+    assert len(sequence.generated) > 16  # past the tiny configs' sliding window
+    assert 0 in kept_counts and 4 in kept_counts  # full rejection and full acceptance both exercised
+    assert torch.allclose(cached_q, reference_q, atol=1e-5, rtol=0), (cached_q - reference_q).abs().max()
 
 
 # ---- the benchmark script stays runnable -------------------------------------------------------------

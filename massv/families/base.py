@@ -31,8 +31,12 @@ class FamilyAdapter(ABC):
     model_type: ClassVar[str]
     # Names of the processor outputs that carry the image (passed through to the vision encoder).
     image_input_names: ClassVar[tuple[str, ...]]
+    # Processor outputs the adapter rebuilds from `input_ids` itself (token-type ids), so ignoring them is safe.
+    derived_input_names: ClassVar[tuple[str, ...]] = ()
     # Token that closes a chat turn; answers in training data end with it.
     end_of_turn_token: ClassVar[str]
+    # `model_type`s of causal LMs that share this family's tokenizer, hence can draft for its targets.
+    drafter_model_types: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, target_config: PretrainedConfig) -> None:
         self.target_config = target_config
@@ -66,11 +70,21 @@ class FamilyAdapter(ABC):
     def feature_dim(self, vision_feature: str) -> int:
         """Width of one image feature vector for the chosen `vision_feature`."""
 
-    @abstractmethod
     def encode_images(
         self, vision_modules: dict[str, nn.Module], image_inputs: dict[str, torch.Tensor], vision_feature: str
     ) -> torch.Tensor:
         """Run the frozen vision encoder once: `(num_image_tokens_total, feature_dim)` in prompt order."""
+        return self.encode_image_features(vision_modules, image_inputs, (vision_feature,))[vision_feature]
+
+    @abstractmethod
+    def encode_image_features(
+        self, vision_modules: dict[str, nn.Module], image_inputs: dict[str, torch.Tensor], kinds: tuple[str, ...]
+    ) -> dict[str, torch.Tensor]:
+        """Every requested kind of `VISION_FEATURE_CHOICES` from ONE vision-tower pass, keyed by kind.
+
+        The engine needs the projected features for the target and may need pre-merger features for a
+        drafter; asking for both at once is what keeps the tower to a single pass per request.
+        """
 
     @abstractmethod
     def target_image_kwargs(
@@ -93,8 +107,16 @@ class FamilyAdapter(ABC):
         """
 
     @abstractmethod
-    def target_decode_kwargs(self, position_state: Any, past_length: int, num_new_tokens: int) -> dict[str, Any]:
-        """Extra forward kwargs for `num_new_tokens` text tokens appended after `past_length` cached ones."""
+    def decode_position_ids(self, position_state: Any, text_positions: torch.Tensor) -> torch.Tensor:
+        """The forward's `position_ids` for text tokens at 1-D sequence positions `text_positions: (k,)`.
+
+        Positions are explicit (not "the next k after the cache") so a tree of drafts can give siblings the
+        same position. The result lies on `text_positions.device`.
+        """
+
+    def target_decode_kwargs(self, position_state: Any, text_positions: torch.Tensor) -> dict[str, Any]:
+        """Extra forward kwargs for text tokens at `text_positions` (on the model's device) after the prompt."""
+        return {"position_ids": self.decode_position_ids(position_state, text_positions)}
 
     def modality_type_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """0 for text, 1 for image placeholders: the token types both families' forwards expect."""

@@ -26,7 +26,9 @@ class Gemma3Adapter(FamilyAdapter):
 
     model_type = "gemma3"
     image_input_names = ("pixel_values",)
+    derived_input_names = ("token_type_ids",)
     end_of_turn_token = "<end_of_turn>"
+    drafter_model_types = ("gemma3_text", "gemma3")
 
     @property
     def image_block_token_ids(self) -> tuple[int, ...]:
@@ -52,17 +54,20 @@ class Gemma3Adapter(FamilyAdapter):
             return int(self.target_config.text_config.hidden_size)
         return int(self.target_config.vision_config.hidden_size)
 
-    def encode_images(
-        self, vision_modules: dict[str, nn.Module], image_inputs: dict[str, torch.Tensor], vision_feature: str
-    ) -> torch.Tensor:
+    def encode_image_features(
+        self, vision_modules: dict[str, nn.Module], image_inputs: dict[str, torch.Tensor], kinds: tuple[str, ...]
+    ) -> dict[str, torch.Tensor]:
         tower, projector = vision_modules["vision_tower"], vision_modules["multi_modal_projector"]
         pixel_values = image_inputs["pixel_values"].to(tower.dtype)
         patch_states = tower(pixel_values=pixel_values).last_hidden_state  # (images, patches, vision_hidden)
-        if vision_feature == "projected":
-            features = projector(patch_states)  # (images, tokens_per_image, text_hidden)
-        else:
-            features = self._pool_to_image_tokens(projector, patch_states)
-        return features.reshape(-1, features.shape[-1])
+        features = {}
+        for kind in kinds:
+            if kind == "projected":
+                per_image = projector(patch_states)  # (images, tokens_per_image, text_hidden)
+            else:
+                per_image = self._pool_to_image_tokens(projector, patch_states)
+            features[kind] = per_image.reshape(-1, per_image.shape[-1])
+        return features
 
     @staticmethod
     def _pool_to_image_tokens(projector: Gemma3MultiModalProjector, patch_states: torch.Tensor) -> torch.Tensor:
@@ -84,7 +89,6 @@ class Gemma3Adapter(FamilyAdapter):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         return {"token_type_ids": self.modality_type_ids(input_ids), "position_ids": positions}, None
 
-    def target_decode_kwargs(self, position_state: Any, past_length: int, num_new_tokens: int) -> dict[str, Any]:
+    def decode_position_ids(self, position_state: Any, text_positions: torch.Tensor) -> torch.Tensor:
         # Text tokens after the prompt: plain causal attention, so no token_type_ids (as generate() does).
-        positions = torch.arange(past_length, past_length + num_new_tokens).unsqueeze(0)
-        return {"position_ids": positions}
+        return text_positions.view(1, -1)

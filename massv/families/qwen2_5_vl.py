@@ -24,7 +24,9 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
 
     model_type = "qwen2_5_vl"
     image_input_names = ("pixel_values", "image_grid_thw")
+    derived_input_names = ("mm_token_type_ids",)
     end_of_turn_token = "<|im_end|>"
+    drafter_model_types = ("qwen2",)
 
     @property
     def image_block_token_ids(self) -> tuple[int, ...]:
@@ -43,19 +45,27 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
             return int(vision_config.out_hidden_size)
         return int(vision_config.hidden_size) * int(vision_config.spatial_merge_size) ** 2
 
-    def encode_images(
-        self, vision_modules: dict[str, nn.Module], image_inputs: dict[str, torch.Tensor], vision_feature: str
-    ) -> torch.Tensor:
+    def encode_image_features(
+        self, vision_modules: dict[str, nn.Module], image_inputs: dict[str, torch.Tensor], kinds: tuple[str, ...]
+    ) -> dict[str, torch.Tensor]:
         visual = vision_modules["visual"]
         grid_thw = image_inputs["image_grid_thw"]
         pixel_values = image_inputs["pixel_values"].to(visual.dtype)
         outputs = visual(pixel_values, grid_thw=grid_thw)
-        if vision_feature == "projected":
-            return outputs.pooler_output  # (num_merged_tokens, out_hidden_size), prompt order
+        features = {}
+        if "projected" in kinds:
+            features["projected"] = outputs.pooler_output  # (num_merged_tokens, out_hidden_size), prompt order
+        if "pre_merger" in kinds:
+            features["pre_merger"] = self._pre_merger_features(visual, grid_thw, outputs.last_hidden_state)
+        return features
+
+    @staticmethod
+    def _pre_merger_features(visual: nn.Module, grid_thw: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """The merger's input in prompt order: `(num_merged_tokens, 4 * vision_hidden)`."""
         # last_hidden_state is in window order, 2x2 groups adjacent; concatenate each group as the merger does
         # and undo the window permutation so rows line up with the placeholder tokens.
         merge_unit = visual.spatial_merge_size**2
-        grouped = outputs.last_hidden_state.reshape(-1, merge_unit * outputs.last_hidden_state.shape[-1])
+        grouped = hidden.reshape(-1, merge_unit * hidden.shape[-1])
         window_index, _ = get_vision_window_index(
             grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size
         )
@@ -90,8 +100,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         kwargs = {"position_ids": position_ids, "mm_token_type_ids": mm_token_type_ids}
         return kwargs, rope_deltas
 
-    def target_decode_kwargs(self, position_state: Any, past_length: int, num_new_tokens: int) -> dict[str, Any]:
-        rope_deltas = position_state
-        text_positions = torch.arange(past_length, past_length + num_new_tokens, device=rope_deltas.device)
-        position_ids = (text_positions.view(1, 1, -1) + rope_deltas.view(1, -1, 1)).expand(3, -1, -1)
-        return {"position_ids": position_ids}
+    def decode_position_ids(self, position_state: Any, text_positions: torch.Tensor) -> torch.Tensor:
+        # Text after the prompt advances all three rotary axes together, offset by the image's rope delta.
+        rope_deltas = position_state.to(text_positions.device)
+        return (text_positions.view(1, 1, -1) + rope_deltas.view(1, -1, 1)).expand(3, -1, -1)

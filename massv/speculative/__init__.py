@@ -1,20 +1,48 @@
 """The speculative generation engine: draft with a small model, verify with the target, lose nothing.
 
-- `engine.py`: `SpeculativeGenerator` (caches, vision-once, draft/verify loop) and `TargetAsDrafter`.
-- `sampling.py`: warping identical to `generate()`, greedy and stochastic acceptance rules.
+- `engine.py`: `SpeculativeGenerator`, the loop as numbered steps (propose, verify, accept, commit).
+- `target.py`: `TargetVerifier`, the target's side (prefill, verify with explicit positions and mask, rollback).
+- `proposers/`: the drafting seam (`Proposer`, `Proposal`) and one proposer per drafter kind, picked by a registry.
+- `acceptance.py`: greedy and sampled acceptance rules on tensors, one host sync per block.
+- `sampling.py`: the settings `generate()` resolves and its logits processors, run on whole blocks.
 - `stats.py`: `GenerationStats` (accepted lengths, α, per-position acceptance, forwards, timings).
 """
 
-from massv.speculative.engine import SpeculativeGenerator, SpeculativeOutput, TargetAsDrafter
-from massv.speculative.sampling import SamplingConfig, verify_greedy, verify_sampled
+from massv.speculative.acceptance import accept_greedy, accept_sampled, residual_distribution
+from massv.speculative.engine import SpeculativeGenerator, SpeculativeOutput, UnsupportedInputError
+from massv.speculative.proposers import (
+    CommittedTokens,
+    DraftRequest,
+    DrafterPairError,
+    Proposal,
+    Proposer,
+    TargetAsDrafter,
+    proposer_class_for,
+    register_proposer,
+)
+from massv.speculative.sampling import SamplingConfig, ScoreProcessor, UnsupportedSettingError
 from massv.speculative.stats import GenerationStats
+from massv.speculative.target import TargetVerifier, new_rollback_cache
 
 __all__ = [
+    "CommittedTokens",
+    "DraftRequest",
+    "DrafterPairError",
     "GenerationStats",
+    "Proposal",
+    "Proposer",
     "SamplingConfig",
+    "ScoreProcessor",
     "SpeculativeGenerator",
     "SpeculativeOutput",
     "TargetAsDrafter",
-    "verify_greedy",
-    "verify_sampled",
+    "TargetVerifier",
+    "UnsupportedInputError",
+    "UnsupportedSettingError",
+    "accept_greedy",
+    "accept_sampled",
+    "new_rollback_cache",
+    "proposer_class_for",
+    "register_proposer",
+    "residual_distribution",
 ]

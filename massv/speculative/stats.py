@@ -15,6 +15,9 @@ Definitions (the numbers papers report differ in exactly these choices, so they 
   probability in the speedup formula (1 - α^(γ+1)) / ((1 - α)(γc + 1)).
   `accepted_over_proposed` = accepted / all drafted tokens, the stricter number some papers use.
 - `position_acceptance[j]`: of the drafts at block position j that were judged, the fraction accepted.
+- `mean_accepted_length_full_blocks`: MAL over the steps whose drafting the `max_new_tokens` budget did not
+  cut short. The last block of a request is usually clipped, so plain MAL depends on `max_new_tokens` (a
+  perfect drafter at γ = 4 reads 5.00, 3.67 or 3.00); this one does not (5.00).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class GenerationStats:
     accepted_drafts: list[int] = field(default_factory=list)  # per verification step, drafts accepted
     proposed_drafts: list[int] = field(default_factory=list)  # per verification step, drafts the drafter produced
     judged_drafts: list[int] = field(default_factory=list)  # per verification step, drafts the verifier ruled on
+    budget_limited: list[bool] = field(default_factory=list)  # per verification step, drafting cut by max_new_tokens
     position_judged: list[int] = field(default_factory=list)  # per block position
     position_accepted: list[int] = field(default_factory=list)  # per block position
     target_forwards: int = 0  # prefill included
@@ -46,8 +50,12 @@ class GenerationStats:
     total_seconds: float = 0.0  # wall time of the whole request (input preparation excluded)
 
     # ---- recording ------------------------------------------------------------------------------------
-    def record_step(self, proposed: int, judged: int, accepted: int, emitted: int) -> None:
+    def record_step(self, proposed: int, judged: int, accepted: int, emitted: int, budget_limited: bool = False) -> None:
         """One verification step; `judged` = accepted + (1 if a draft was rejected)."""
+        if not 0 <= accepted <= judged <= proposed or emitted > accepted + 1:
+            raise ValueError(f"inconsistent step: proposed {proposed}, judged {judged}, accepted {accepted}, "
+                             f"emitted {emitted}")
+        self.budget_limited.append(budget_limited)
         self.proposed_drafts.append(proposed)
         self.judged_drafts.append(judged)
         self.accepted_drafts.append(accepted)
@@ -69,6 +77,12 @@ class GenerationStats:
     def mean_accepted_length(self) -> float:
         """Tokens emitted per verification step, bonus/correction token included (MAL)."""
         return sum(self.accepted_lengths) / self.verification_steps if self.verification_steps else 0.0
+
+    @property
+    def mean_accepted_length_full_blocks(self) -> float:
+        """MAL over steps not cut short by the `max_new_tokens` budget (see module docstring)."""
+        full = [length for length, limited in zip(self.accepted_lengths, self.budget_limited) if not limited]
+        return sum(full) / len(full) if full else 0.0
 
     @property
     def mean_accepted_drafts(self) -> float:
@@ -109,7 +123,7 @@ class GenerationStats:
         """Raw fields plus every derived number, JSON-ready."""
         data = asdict(self)
         for name in (
-            "verification_steps", "mean_accepted_length", "mean_accepted_drafts", "acceptance_rate",
+            "verification_steps", "mean_accepted_length", "mean_accepted_length_full_blocks", "mean_accepted_drafts", "acceptance_rate",
             "accepted_over_proposed", "position_acceptance", "decode_seconds", "tokens_per_second",
             "decode_tokens_per_second",
         ):
@@ -127,6 +141,7 @@ class GenerationStats:
             merged.accepted_drafts += run.accepted_drafts
             merged.proposed_drafts += run.proposed_drafts
             merged.judged_drafts += run.judged_drafts
+            merged.budget_limited += run.budget_limited
             width = max(len(merged.position_judged), len(run.position_judged))
             merged.position_judged += [0] * (width - len(merged.position_judged))
             merged.position_accepted += [0] * (width - len(merged.position_accepted))
