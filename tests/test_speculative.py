@@ -19,6 +19,7 @@ from massv.families import FamilyAdapter, get_adapter
 from massv.speculative import GenerationStats, SpeculativeGenerator, TargetAsDrafter
 from massv.speculative import CommittedTokens, DraftRequest, SamplingConfig, TargetVerifier, proposer_class_for
 from massv.tiny import TinyPair, build_tiny_pair
+from tests.engine_helpers import noisy_multimodal_copy, noisy_text_copy
 
 FAMILIES = ["qwen2_5_vl", "gemma3"]
 TEMPLATES = [
@@ -34,6 +35,7 @@ NUM_CASES = 20
 DRAFT_LENGTHS = (1, 3, 8)
 # None is a multiple of 2, 4 or 9 (= γ + 1): the last block is always cut short by max_new_tokens.
 MAX_NEW_TOKENS = (23, 11, 17)
+NOISE = 0.8  # LM-head noise of the partly agreeing drafters (relative to the weights' std)
 
 
 @dataclass
@@ -41,6 +43,7 @@ class FamilySetup:
     pair: TinyPair
     adapter: FamilyAdapter
     multimodal_drafter: MultimodalDrafter
+    noisy_drafters: dict  # kind -> a drafter that agrees with the target partly
     cases: list  # processor outputs (BatchFeature), one per random prompt/image pair
     references: dict  # (id(inputs), max_new_tokens, eos) -> target.generate's new ids
 
@@ -49,6 +52,7 @@ class FamilySetup:
             "multimodal": self.multimodal_drafter,
             "text": self.pair.drafter_lm,
             "target-copy": TargetAsDrafter(self.pair.target),
+            **self.noisy_drafters,
         }[kind]
 
     def reference(self, inputs, max_new_tokens: int) -> list[int]:
@@ -76,7 +80,9 @@ def setup(request) -> FamilySetup:
     drafter = MultimodalDrafter.from_target(pair.target, pair.drafter_lm, len(pair.tokenizer)).eval()
     rng = np.random.default_rng(1234)
     cases = [_random_case(rng, pair, adapter) for _ in range(NUM_CASES)]
-    return FamilySetup(pair, adapter, drafter, cases, {})
+    noisy = {"noisy-text": noisy_text_copy(pair.target, NOISE),
+             "noisy-multimodal": noisy_multimodal_copy(pair.target, len(pair.tokenizer), NOISE)}
+    return FamilySetup(pair, adapter, drafter, noisy, cases, {})
 
 
 def _check_stats_consistent(stats: GenerationStats, generated: list[int]) -> None:
@@ -88,10 +94,10 @@ def _check_stats_consistent(stats: GenerationStats, generated: list[int]) -> Non
 
 
 # ---- 1. greedy == target.generate --------------------------------------------------------------------
-@pytest.mark.parametrize("drafter_kind", ["multimodal", "text"])
+@pytest.mark.parametrize("drafter_kind", ["multimodal", "text", "noisy-text", "noisy-multimodal"])
 def test_greedy_matches_target_generate(setup: FamilySetup, drafter_kind: str) -> None:
     generator = SpeculativeGenerator(setup.pair.target, setup.drafter(drafter_kind), setup.pair.processor)
-    rejections = 0
+    rejections = partial_blocks = 0
     for index, inputs in enumerate(setup.cases):
         num_draft_tokens = DRAFT_LENGTHS[index % 3]
         max_new_tokens = MAX_NEW_TOKENS[(index // 3) % 3]
@@ -102,7 +108,11 @@ def test_greedy_matches_target_generate(setup: FamilySetup, drafter_kind: str) -
         assert torch.equal(output.sequences[0, : inputs["input_ids"].shape[1]], inputs["input_ids"][0])
         _check_stats_consistent(output.stats, generated)
         rejections += sum(j - a for j, a in zip(output.stats.judged_drafts, output.stats.accepted_drafts))
-    assert rejections > 0, "a random drafter should have been rejected somewhere: rollback was not exercised"
+        partial_blocks += sum(0 < a < p for a, p in zip(output.stats.accepted_drafts, output.stats.proposed_drafts))
+    assert rejections > 0, "the drafter should have been rejected somewhere: rollback was not exercised"
+    if drafter_kind.startswith("noisy"):
+        # Blocks accepted in part: the rollback keeps some drafts and drops others, in both caches.
+        assert partial_blocks >= 5, partial_blocks
 
 
 def test_text_only_prompt_matches_target_generate(setup: FamilySetup) -> None:

@@ -84,6 +84,15 @@ class SamplingConfig:
         """Whether a row's scores depend on the tokens before it (so the engine must track them)."""
         return self.repetition_penalty != 1.0
 
+    def generate_kwargs(self) -> dict[str, Any]:
+        """The `target.generate()` arguments that decode under exactly these settings (the baseline side of
+        any comparison), every value explicit so the generation config cannot change it."""
+        if self.greedy:
+            return {"do_sample": False, "repetition_penalty": self.repetition_penalty}
+        return {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
+                "repetition_penalty": self.repetition_penalty, "min_p": self.min_p, "typical_p": self.typical_p,
+                "epsilon_cutoff": self.epsilon_cutoff, "eta_cutoff": self.eta_cutoff}
+
     def warpers(self, device: torch.device | str = "cpu") -> LogitsProcessorList:
         """The sampling warpers `generate()` builds for these settings, in its order; empty when greedy."""
         warpers = LogitsProcessorList()

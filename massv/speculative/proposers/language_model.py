@@ -98,7 +98,7 @@ class CausalLMProposer(Proposer):
     def propose(self, sequence: CommittedTokens, max_tokens: int) -> Proposal:
         prompt_length = self.prompt.shape[1]
         pending = sequence.generated_ids(self.cached - prompt_length).to(self.device)
-        pending = torch.where(pending < self.embedding_rows, pending, self.request.replacement_id)
+        pending = self._readable(pending)
         block_history = self._history_for_block(sequence)
         settings = self.request.settings
         tokens, token_list = [], []
@@ -121,7 +121,7 @@ class CausalLMProposer(Proposer):
                 break  # nothing after an end-of-sequence draft could ever be emitted
             if block_history is not None:
                 block_history.add(token)
-            pending = token.view(1, 1)
+            pending = self._readable(token.view(1, 1))
         self.last_proposed = len(token_list)
         device_tokens = torch.cat(tokens).to(self.request.target.device)
         return Proposal(device_tokens, token_list, None if probs is None else probs[: len(token_list)],
@@ -133,6 +133,13 @@ class CausalLMProposer(Proposer):
         self._crop(fed_drafts - min(num_accepted, fed_drafts))
 
     # ---- internals -------------------------------------------------------------------------------------
+    def _readable(self, generated: torch.Tensor) -> torch.Tensor:
+        """Generated ids the drafter can embed as text: ids past its embedding (padding rows a target may
+        emit) and the image placeholder id (which would ask for image features) become `replacement_id`.
+        Only the drafter's later guesses depend on them, and those are verified anyway."""
+        unreadable = (generated >= self.embedding_rows) | (generated == self.request.adapter.image_token_id)
+        return torch.where(unreadable, self.request.replacement_id, generated)
+
     def _history_for_block(self, sequence: CommittedTokens) -> TokenHistory | None:
         """The committed history plus this block's drafts, as a copy the drafts can be added to."""
         if self.history is None:

@@ -1,0 +1,257 @@
+"""The engine's contract with real users: devices, inputs, pairs, processors, arguments, stats, streaming.
+
+Each test here pins a defect the first engine had (issue "Engine v2"): all of them failed on it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GenerationConfig, RepetitionPenaltyLogitsProcessor, TextIteratorStreamer
+
+from massv.drafter import MultimodalDrafter
+from massv.families import get_adapter
+from massv.speculative import (
+    DrafterPairError,
+    SpeculativeGenerator,
+    TargetAsDrafter,
+    UnsupportedInputError,
+    UnsupportedSettingError,
+)
+from massv.speculative.sampling import SamplingConfig, ScoreProcessor, TokenHistory, apply_repetition_penalty
+from massv.tiny import build_tiny_pair
+from tests.conftest import prompt_inputs, random_image
+from tests.engine_helpers import noisy_text_copy
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "gemma3"])
+def pair(request):
+    torch.set_num_threads(1)
+    return build_tiny_pair(request.param)
+
+
+@pytest.fixture(scope="module")
+def image_inputs(pair):
+    return prompt_inputs(pair, "What colour is the square?", random_image(3))
+
+
+def _reference(pair, inputs, max_new_tokens: int, **kwargs) -> list[int]:
+    output = pair.target.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, **kwargs)
+    return output[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def _vision_calls(pair):
+    """A counter of vision-tower forwards (Qwen: visual; Gemma: vision_tower)."""
+    tower = next(iter(get_adapter(pair.target.config).vision_modules(pair.target).values()))
+    calls: list[int] = []
+    return calls, tower.register_forward_hook(lambda *args: calls.append(1))
+
+
+# ---- 1. tensors an adapter builds lie on the model's device -------------------------------------------
+def test_decode_positions_lie_on_the_requested_device(pair, image_inputs) -> None:
+    """Gemma3 built decode positions on the CPU whatever the model's device (a CUDA target crashed)."""
+    adapter = get_adapter(pair.target.config)
+    images = {name: image_inputs[name] for name in adapter.image_input_names}
+    _, state = adapter.target_prefill_kwargs(image_inputs["input_ids"], images, pair.target)
+    text_positions = torch.arange(40, 43, device="meta")  # stands in for a CUDA tensor: no data, a device
+    kwargs = adapter.target_decode_kwargs(state, text_positions)
+    assert {tensor.device.type for tensor in kwargs.values()} == {"meta"}
+    assert kwargs["position_ids"].shape[-1] == 3
+
+
+# ---- 2. unknown processor outputs are refused by name ------------------------------------------------
+def test_video_inputs_are_refused_by_name(pair, image_inputs) -> None:
+    generator = SpeculativeGenerator(pair.target, TargetAsDrafter(pair.target), pair.processor)
+    inputs = dict(image_inputs, pixel_values_videos=torch.zeros(4, 8), video_grid_thw=torch.tensor([[1, 2, 2]]))
+    with pytest.raises(UnsupportedInputError, match="pixel_values_videos.*video_grid_thw"):
+        generator.generate_from_inputs(inputs, max_new_tokens=4)
+    # The family's own derived ids (token types) are known and accepted.
+    generator.generate_from_inputs(image_inputs, max_new_tokens=2)
+
+
+# ---- 3. the pair is checked at construction ------------------------------------------------------------
+def test_drafter_of_another_family_is_refused(pair) -> None:
+    other = build_tiny_pair("gemma3" if pair.target.config.model_type == "qwen2_5_vl" else "qwen2_5_vl")
+    with pytest.raises(DrafterPairError, match="does not share the tokenizer"):
+        SpeculativeGenerator(pair.target, other.drafter_lm, pair.processor)
+    foreign = MultimodalDrafter.from_target(other.target, other.drafter_lm, len(other.tokenizer))
+    with pytest.raises(DrafterPairError, match="trained for a"):
+        SpeculativeGenerator(pair.target, foreign, pair.processor)
+
+
+def test_drafter_with_a_smaller_embedding_is_refused(pair) -> None:
+    small = build_tiny_pair(pair.target.config.model_type, vocab_size=300).drafter_lm
+    with pytest.raises(DrafterPairError, match=r"embeds \d+ token ids but the target.s tokenizer emits ids up to"):
+        SpeculativeGenerator(pair.target, small, pair.processor)
+
+
+def test_massv_drafter_for_another_target_size_is_refused(pair) -> None:
+    family = pair.target.config.model_type
+    wider = build_tiny_pair(family, target_kwargs={"hidden_size": 96} if family == "gemma3" else {"hidden_size": 96})
+    drafter = MultimodalDrafter.from_target(wider.target, pair.drafter_lm, len(pair.tokenizer))
+    with pytest.raises(DrafterPairError, match="different target size"):
+        SpeculativeGenerator(pair.target, drafter, pair.processor)
+
+
+# ---- 4. the drafter's q gets the same processors as p --------------------------------------------------
+def test_repetition_penalty_shapes_the_drafts_too(pair, image_inputs) -> None:
+    """With the target drafting for itself at penalty 1.5, every greedy draft must be accepted (main: 0.64)."""
+    generator = SpeculativeGenerator(pair.target, TargetAsDrafter(pair.target), pair.processor)
+    output = generator.generate_from_inputs(image_inputs, max_new_tokens=24, num_draft_tokens=4,
+                                            repetition_penalty=1.5)
+    assert output.generated_ids[0].tolist() == _reference(pair, image_inputs, 24, repetition_penalty=1.5)
+    assert output.stats.acceptance_rate == 1.0
+
+
+def test_block_repetition_penalty_equals_hf_processor_row_by_row() -> None:
+    """Row i of a block sees history + drafts[:i]: the same scores HF's processor gives each prefix."""
+    generator = torch.Generator().manual_seed(0)
+    vocab, penalty = 50, 1.7
+    prefix = torch.randint(0, vocab, (1, 12), generator=generator)
+    drafts = torch.tensor([prefix[0, 3].item(), 7, 7, 41])  # a repeat of the prefix and a repeated draft
+    logits = torch.randn(len(drafts) + 1, vocab, generator=generator)
+    history = TokenHistory(vocab, torch.device("cpu"))
+    history.add(prefix)
+    ours = apply_repetition_penalty(logits, history.rows_with(drafts), penalty)
+    hf = RepetitionPenaltyLogitsProcessor(penalty)
+    for row in range(len(drafts) + 1):
+        row_prefix = torch.cat([prefix, drafts[:row].view(1, -1)], dim=1)
+        expected = hf(row_prefix, logits[row : row + 1].clone())[0]
+        assert torch.allclose(ours[row], expected), row
+
+
+@pytest.mark.parametrize("settings", [
+    {"temperature": 0.8, "top_k": 5, "top_p": 0.9},
+    {"temperature": 1.3, "min_p": 0.05},
+    {"temperature": 1.0, "typical_p": 0.8},
+    {"temperature": 1.0, "epsilon_cutoff": 3e-3},
+    {"temperature": 1.0, "eta_cutoff": 3e-3, "repetition_penalty": 1.2},
+])
+def test_block_scores_equal_generate_scores(pair, image_inputs, settings) -> None:
+    """The distribution the engine verifies against is the one `generate(do_sample=True)` samples from."""
+    config = SamplingConfig(**settings)
+    reference = pair.target.generate(**image_inputs, max_new_tokens=1, output_scores=True,
+                                     return_dict_in_generate=True, **config.generate_kwargs()).scores[0][0]
+    with torch.no_grad():
+        logits = pair.target(**image_inputs).logits[0, -1:]
+    history = TokenHistory(logits.shape[-1], logits.device)
+    history.add(image_inputs["input_ids"])
+    ours = ScoreProcessor(config, logits.device)(logits, history.seen.unsqueeze(0))[0]
+    finite = torch.isfinite(reference)
+    assert torch.equal(finite, torch.isfinite(ours)) and int(finite.sum()) > 1
+    assert torch.allclose(ours[finite], reference[finite], atol=1e-5)
+
+
+# ---- 5. one vision pass, whatever the drafter reads ---------------------------------------------------
+@pytest.mark.parametrize("num_draft_tokens", [0, 3])
+def test_pre_merger_drafter_runs_the_vision_tower_once(pair, image_inputs, num_draft_tokens: int) -> None:
+    drafter = MultimodalDrafter.from_target(pair.target, pair.drafter_lm, len(pair.tokenizer),
+                                            vision_feature="pre_merger").eval()
+    generator = SpeculativeGenerator(pair.target, drafter, pair.processor)
+    calls, handle = _vision_calls(pair)
+    try:
+        output = generator.generate_from_inputs(image_inputs, max_new_tokens=9, num_draft_tokens=num_draft_tokens)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    assert output.generated_ids[0].tolist() == _reference(pair, image_inputs, 9)
+
+
+# ---- 6. settings generate() applies and the engine cannot: refused -------------------------------------
+@pytest.mark.parametrize(("name", "value"), [
+    ("no_repeat_ngram_size", 2), ("exponential_decay_length_penalty", (2, 1.5)), ("stop_strings", ["red"]),
+    ("max_time", 5.0), ("guidance_scale", 1.5), ("suppress_tokens", [5]), ("min_new_tokens", 3),
+])
+def test_unsupported_generation_settings_are_refused(pair, image_inputs, name, value) -> None:
+    target = pair.target
+    original = target.generation_config
+    target.generation_config = GenerationConfig(**original.to_dict())
+    setattr(target.generation_config, name, value)
+    try:
+        generator = SpeculativeGenerator(target, TargetAsDrafter(target), pair.processor)
+        with pytest.raises(UnsupportedSettingError, match=name):
+            generator.generate_from_inputs(image_inputs, max_new_tokens=4)
+    finally:
+        target.generation_config = original
+
+
+def test_renormalize_logits_is_lossless(pair, image_inputs) -> None:
+    """`renormalize_logits` (log-softmax at the end) changes neither argmax nor softmax: accepted as is."""
+    generator = SpeculativeGenerator(pair.target, noisy_text_copy(pair.target, 0.8), pair.processor)
+    pair.target.generation_config.renormalize_logits = True
+    try:
+        got = generator.generate_from_inputs(image_inputs, max_new_tokens=10, num_draft_tokens=3)
+        expected = _reference(pair, image_inputs, 10)
+    finally:
+        pair.target.generation_config.renormalize_logits = False
+    assert got.generated_ids[0].tolist() == expected
+
+
+# ---- 7. bad arguments fail before any model work -------------------------------------------------------
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"num_draft_tokens": 2.5}, "num_draft_tokens must be an integer"),
+    ({"num_draft_tokens": -1}, "num_draft_tokens must be an integer >= 0"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+    ({"temperature": None}, "temperature must be a number"),
+    ({"temperature": -0.5}, "temperature must be a number >= 0"),
+    ({"top_p": 0.0, "temperature": 1.0}, "top_p must be in"),
+    ({"beam_width": 3}, "unknown sampling setting"),
+])
+def test_bad_arguments_fail_before_the_vision_pass(pair, image_inputs, kwargs, message) -> None:
+    generator = SpeculativeGenerator(pair.target, pair.drafter_lm, pair.processor)
+    calls, handle = _vision_calls(pair)
+    try:
+        with pytest.raises((ValueError, TypeError), match=message):
+            generator.generate_from_inputs(image_inputs, **kwargs)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_empty_prompt_is_refused_clearly(pair) -> None:
+    generator = SpeculativeGenerator(pair.target, pair.drafter_lm, pair.processor)
+    with pytest.raises(ValueError, match="non-empty"):
+        generator.generate_from_inputs({"input_ids": torch.zeros(1, 0, dtype=torch.long)})
+
+
+# ---- 8. MAL over full blocks does not depend on max_new_tokens ----------------------------------------
+def test_full_block_mal_is_independent_of_max_new_tokens(pair, image_inputs) -> None:
+    generator = SpeculativeGenerator(pair.target, TargetAsDrafter(pair.target), pair.processor)
+    plain, full = set(), set()
+    for max_new_tokens in (10, 13, 16):  # 9, 12, 15 tokens from verification steps: clipped differently
+        stats = generator.generate_from_inputs(image_inputs, max_new_tokens=max_new_tokens, num_draft_tokens=4,
+                                               eos_token_id=[]).stats
+        plain.add(round(stats.mean_accepted_length, 4))
+        full.add(stats.mean_accepted_length_full_blocks)
+    assert full == {5.0}
+    assert len(plain) == 3  # the per-forward MAL moves with the clipped last block, as documented
+
+
+# ---- 9. streaming, as generate() does it ---------------------------------------------------------------
+class _RecordingStreamer:
+    def __init__(self) -> None:
+        self.chunks: list[list[int]] = []
+        self.ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        self.chunks.append(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.ended = True
+
+
+def test_streamer_receives_prompt_then_every_token(pair, image_inputs) -> None:
+    generator = SpeculativeGenerator(pair.target, noisy_text_copy(pair.target, 0.8), pair.processor)
+    streamer = _RecordingStreamer()
+    output = generator.generate_from_inputs(image_inputs, max_new_tokens=14, num_draft_tokens=3, streamer=streamer)
+    assert streamer.chunks[0] == image_inputs["input_ids"][0].tolist()
+    assert sum(streamer.chunks[1:], []) == output.generated_ids[0].tolist()
+    assert len(streamer.chunks) == 2 + output.stats.verification_steps  # prompt, prefill token, one per block
+    assert streamer.ended
+
+
+def test_text_iterator_streamer_yields_the_output_text(pair, image_inputs) -> None:
+    generator = SpeculativeGenerator(pair.target, TargetAsDrafter(pair.target), pair.processor)
+    streamer = TextIteratorStreamer(pair.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    output = generator.generate_from_inputs(image_inputs, max_new_tokens=12, num_draft_tokens=3, streamer=streamer)
+    assert "".join(streamer) == output.text
