@@ -32,7 +32,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +44,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from massv.drafter import CONFIG_NAME, MultimodalDrafter  # noqa: E402
 from massv.families import FamilyAdapter, get_adapter  # noqa: E402
-from massv.speculative import GenerationStats, SpeculativeGenerator, TargetAsDrafter  # noqa: E402
-from massv.speculative.engine import _DrafterSession, _TargetSession  # noqa: E402
+from massv.speculative import (  # noqa: E402
+    CommittedTokens,
+    DraftRequest,
+    GenerationStats,
+    SamplingConfig,
+    SpeculativeGenerator,
+    TargetAsDrafter,
+    TargetVerifier,
+    proposer_class_for,
+)
 
 logger = logging.getLogger("massv.bench_engine")
+MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
 
 PROMPTS = [
     "Describe the image in detail.",
@@ -80,10 +89,16 @@ class Models:
     text_drafter: Any | None  # plain causal LM (text-only baseline and HF assistant)
     multimodal_drafter: MultimodalDrafter | None
     description: str
+    image_size: int | None = None  # the size the target was trained on (world models)
+    synthetic_inputs: bool = False  # real-size random models: no processor, prompts built from ids
 
 
 def load_models(args: argparse.Namespace) -> Models:
-    """Tiny random pairs from massv.tiny, or real checkpoints when --target is a path/hub id."""
+    """Tiny random pairs, the shipped world models, real-size random architectures, or real checkpoints."""
+    if args.models == "world":
+        return _world_models(args)
+    if args.models.startswith("real-"):
+        return _real_size_models(args)
     if args.target is None:
         from massv.tiny import build_tiny_pair
 
@@ -106,6 +121,61 @@ def load_models(args: argparse.Namespace) -> Models:
         else:
             text_drafter = AutoModelForCausalLM.from_pretrained(args.drafter, dtype=dtype).to(device).eval()
     return Models(target, processor, text_drafter, multimodal, f"{args.target} + {args.drafter}")
+
+
+def _world_models(args: argparse.Namespace) -> Models:
+    """The shipped world target and text-only LM; MASSV from `--massv-drafter` (e.g. the demo's phase 2)."""
+    from massv.world_models import load_world_models
+
+    world_models = load_world_models(progress=False)
+    target, text_lm = world_models.target, world_models.text_lm
+    if args.massv_drafter:
+        multimodal = MultimodalDrafter.from_pretrained(args.massv_drafter, target=target).eval()
+        label = f"MASSV from {args.massv_drafter}"
+    else:
+        multimodal = MultimodalDrafter.from_target(target, text_lm, len(world_models.tokenizer)).eval()
+        label = "MASSV untrained (pass --massv-drafter for a trained one)"
+    models = Models(target, world_models.processor, text_lm, multimodal,
+                    f"world models {world_models.recipe.hash()} ({label})")
+    models.image_size = world_models.recipe.image_size
+    return models
+
+
+def _config_from_file(name: str) -> Any:
+    from transformers import AutoConfig
+
+    data = json.loads((MODEL_CONFIGS / f"{name}.json").read_text())
+    data.pop("_comment", None)
+    return AutoConfig.for_model(data.pop("model_type"), **data)
+
+
+REAL_SIZE_PAIRS = {  # --models name: (target config, drafter LM config), both under eval/model_configs/
+    "real-qwen": ("qwen2_5_vl_7b", "qwen2_5_0_5b"),
+    "real-gemma": ("gemma3_12b", "gemma3_1b"),
+}
+
+
+def build_real_size_pair(name: str, device: str = "meta", dtype: torch.dtype = torch.bfloat16) -> tuple[Any, Any]:
+    """Real architectures at their published sizes, randomly initialised (weights never downloaded)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    target_name, drafter_name = REAL_SIZE_PAIRS[name]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            target = AutoModelForImageTextToText.from_config(_config_from_file(target_name))
+            drafter = AutoModelForCausalLM.from_config(_config_from_file(drafter_name))
+    finally:
+        torch.set_default_dtype(previous)
+    return target.eval(), drafter.eval()
+
+
+def _real_size_models(args: argparse.Namespace) -> Models:
+    target, drafter = build_real_size_pair(args.models, args.device, getattr(torch, args.dtype))
+    models = Models(target, None, drafter, None, f"{args.models}: {REAL_SIZE_PAIRS[args.models]} random weights")
+    models.synthetic_inputs = True
+    return models
 
 
 def hf_assistant(drafter_lm: Any, target: Any) -> Any:
@@ -149,15 +219,53 @@ def hf_assistant(drafter_lm: Any, target: Any) -> Any:
 
 
 # ---- inputs ---------------------------------------------------------------------------------------
-def build_inputs(models: Models, adapter: FamilyAdapter, num_prompts: int, image_size: int, seed: int) -> list[Any]:
-    rng = np.random.default_rng(seed)
+def build_inputs(models: Models, adapter: FamilyAdapter, args: argparse.Namespace) -> list[Any]:
+    """Processor outputs, one per prompt: world held-out questions on their scenes, or random images."""
+    if models.synthetic_inputs:
+        return [synthetic_inputs(models.target, adapter, args.seed + index) for index in range(args.num_prompts)]
+    rng = np.random.default_rng(args.seed)
     cases = []
-    for index in range(num_prompts):
-        image = Image.fromarray(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8))
-        messages = adapter.user_messages(PROMPTS[index % len(PROMPTS)])
-        text = models.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        cases.append(models.processor(text=[text], images=[image], return_tensors="pt").to(models.target.device))
+    for index in range(args.num_prompts):
+        if models.image_size is not None:  # the world: a held-out question about its own scene
+            from massv.world import make_record, render_scene
+            from massv.world_models import record_question
+
+            record, scene = make_record("heldout", args.world_seed, index)
+            image, prompt = render_scene(scene, models.image_size), record_question(record)
+        else:
+            image = Image.fromarray(rng.integers(0, 256, (args.image_size, args.image_size, 3), dtype=np.uint8))
+            prompt = PROMPTS[index % len(PROMPTS)]
+        text = models.processor.apply_chat_template(adapter.user_messages(prompt), add_generation_prompt=True,
+                                                    tokenize=False)
+        inputs = models.processor(text=[text], images=[image], return_tensors="pt", add_special_tokens=False)
+        cases.append(inputs.to(models.target.device))
     return cases
+
+
+def synthetic_inputs(target: Any, adapter: FamilyAdapter, seed: int, text_tokens: int = 48) -> dict[str, torch.Tensor]:
+    """A real-size prompt without a processor: random text ids around one image block, random pixels.
+
+    Qwen2.5-VL: a 448 x 448 image (32 x 32 patches of 14, 256 merged tokens); Gemma3: 896 x 896 (256 tokens).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    config = target.config
+    device, dtype = target.device, target.dtype
+    text = torch.randint(1000, 100000, (text_tokens,), generator=generator)
+    block_ids = adapter.image_block_token_ids  # (start, placeholder, end)
+    if config.model_type == "qwen2_5_vl":
+        vision = config.vision_config
+        grid = torch.tensor([[1, 32, 32]])
+        num_image_tokens = 32 * 32 // vision.spatial_merge_size**2
+        patch_dim = vision.in_chans * vision.temporal_patch_size * vision.patch_size**2
+        images = {"pixel_values": torch.randn(32 * 32, patch_dim, generator=generator).to(device, dtype),
+                  "image_grid_thw": grid.to(device)}
+    else:
+        num_image_tokens = config.mm_tokens_per_image
+        side = config.vision_config.image_size
+        images = {"pixel_values": torch.randn(1, 3, side, side, generator=generator).to(device, dtype)}
+    ids = torch.cat([text[:8], torch.tensor([block_ids[0]] + [block_ids[1]] * num_image_tokens + [block_ids[2]]),
+                     text[8:]]).view(1, -1).to(device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **images}
 
 
 # ---- timing ---------------------------------------------------------------------------------------
@@ -168,44 +276,55 @@ def _sync(device: torch.device) -> None:
 
 def forward_cost_ratio(models: Models, drafter: Any, adapter: FamilyAdapter, inputs: Any, repeats: int,
                        num_draft_tokens: int) -> dict[str, float]:
-    """c = one drafter forward / one target forward, each a single token on a warm cache of the prompt.
+    """c = one draft step / one single-token target forward, each on a warm cache of the prompt.
 
+    A draft step is what the engine runs per draft (one drafter forward, scoring, reading the id back).
     Also v = one target forward over γ + 1 tokens (a verification) / one single-token target forward. The
     textbook formula assumes v = 1 (verification as cheap as one decode step); on a CPU, where a forward is
     compute-bound, v grows with γ, and that is most of the gap between theory and measurement.
-    Uses the engine's own sessions, so it times exactly the forwards the engine runs.
+    Uses the engine's own public pieces (`TargetVerifier`, the registered proposer), so it times exactly
+    the forwards the engine runs.
     """
     device = models.target.device
     image_inputs = {name: inputs[name] for name in adapter.image_input_names if name in inputs}
     with torch.no_grad():
-        projected = adapter.encode_images(adapter.vision_modules(models.target), image_inputs, "projected")
-        target_session = _TargetSession(models.target, adapter)
-        target_session.prefill(inputs["input_ids"], image_inputs, projected)
-        session = _drafter_session_for(models, drafter, adapter, inputs, projected)
-        session.forward(session.prompt_ids)
+        proposer_class = proposer_class_for(drafter)
+        kinds = ("projected",) + tuple(kind for kind in proposer_class.vision_features_needed(drafter) if kind != "projected")
+        features = (adapter.encode_image_features(adapter.vision_modules(models.target), image_inputs, kinds)
+                    if image_inputs else {})
+        verifier = TargetVerifier(models.target, adapter)
+        verifier.prefill(inputs["input_ids"], image_inputs, features.get("projected"))
+        request = DraftRequest(target=models.target, adapter=adapter, prompt_ids=inputs["input_ids"],
+                               image_inputs=image_inputs, vision_features=features, settings=SamplingConfig(),
+                               eos_token_ids=frozenset(), replacement_id=0)
+        proposer = proposer_class(drafter, request)
+        sequence = CommittedTokens(inputs["input_ids"], capacity=4 * repeats + 16)
+        proposer.prefill(sequence)
         probe = int(inputs["input_ids"][0, -1])  # a text token (the prompt's last), never an image placeholder
+        probe_ids = torch.tensor([[probe]], device=device)
 
         def time_target() -> float:
             _sync(device)
             start = time.perf_counter()
-            target_session.extend([probe])
-            target_session.rollback(1)
+            verifier.verify(probe_ids)
+            verifier.rollback(1)
             _sync(device)
             return time.perf_counter() - start
 
         def time_verify() -> float:
             _sync(device)
             start = time.perf_counter()
-            target_session.extend([probe] * (num_draft_tokens + 1))
-            target_session.rollback(num_draft_tokens + 1)
+            verifier.verify(probe_ids.expand(1, num_draft_tokens + 1))
+            verifier.rollback(num_draft_tokens + 1)
             _sync(device)
             return time.perf_counter() - start
 
         def time_drafter() -> float:
+            sequence.append([probe])  # one new committed token: the step feeds it and drafts one
             _sync(device)
             start = time.perf_counter()
-            session.forward([probe])
-            session.rollback(1)
+            proposer.propose(sequence, 1)
+            proposer.commit(0)
             _sync(device)
             return time.perf_counter() - start
 
@@ -223,13 +342,6 @@ def forward_cost_ratio(models: Models, drafter: Any, adapter: FamilyAdapter, inp
             "cost_ratio": drafter_ms / target_ms, "verify_ratio": verify_ms / target_ms}
 
 
-def _drafter_session_for(models: Models, drafter: Any, adapter: FamilyAdapter, inputs: Any,
-                         projected: torch.Tensor | None) -> _DrafterSession:
-    generator = SpeculativeGenerator(models.target, drafter, models.processor)
-    image_inputs = {name: inputs[name] for name in adapter.image_input_names if name in inputs}
-    return generator._drafter_session(inputs["input_ids"], image_inputs, projected)
-
-
 def theoretical_speedup(alpha: float, num_draft_tokens: int, cost_ratio: float, verify_ratio: float = 1.0) -> float:
     """Leviathan et al.: expected tokens per step over the relative cost of a step, (1 - α^(γ+1)) /
     ((1 - α)(γc + 1)); with `verify_ratio` v the step costs γc + v instead of γc + 1."""
@@ -243,16 +355,17 @@ def theoretical_speedup(alpha: float, num_draft_tokens: int, cost_ratio: float, 
 @dataclass
 class RowResult:
     name: str
+    temperature: float = 0.0
     new_tokens: int = 0
     total_seconds: float = 0.0
     decode_seconds: float = 0.0
-    identical_to_target: bool = True
+    identical_to_target: bool | None = True  # None when sampling: outputs are draws, not comparable
     stats: GenerationStats | None = None
     cost: dict[str, float] = field(default_factory=dict)
     error: str | None = None
 
     def summary(self, baseline: RowResult | None, num_draft_tokens: int) -> dict[str, Any]:
-        data: dict[str, Any] = {"name": self.name, "error": self.error}
+        data: dict[str, Any] = {"name": self.name, "temperature": self.temperature, "error": self.error}
         if self.error:
             return data
         data.update(
@@ -269,6 +382,7 @@ class RowResult:
             stats = self.stats
             data.update(
                 mean_accepted_length=stats.mean_accepted_length,
+                mean_accepted_length_full_blocks=stats.mean_accepted_length_full_blocks,
                 mean_accepted_drafts=stats.mean_accepted_drafts,
                 acceptance_rate=stats.acceptance_rate,
                 accepted_over_proposed=stats.accepted_over_proposed,
@@ -287,22 +401,41 @@ class RowResult:
                 data["theoretical_speedup"] = theoretical_speedup(alpha, num_draft_tokens, cost)
                 data["theoretical_speedup_measured_verify"] = theoretical_speedup(
                     alpha, num_draft_tokens, cost, self.cost["verify_ratio"])
+                if data.get("decode_speedup"):
+                    # measured over predicted: what the loop itself (not the models) costs or wastes
+                    data["efficiency"] = data["decode_speedup"] / data["theoretical_speedup_measured_verify"]
+                self._overhead(data)
         return data
 
+    def _overhead(self, data: dict[str, Any]) -> None:
+        """Engine time per verification step beyond its forwards (drafts at c, the verification at v)."""
+        stats = self.stats
+        if not stats.verification_steps:
+            return
+        forwards_ms = ((stats.drafter_forwards - 1) * self.cost["drafter_forward_ms"]  # less the prompt pass
+                       + stats.verification_steps * self.cost["verify_forward_ms"])
+        data["engine_overhead_ms_per_step"] = (stats.decode_seconds * 1e3 - forwards_ms) / stats.verification_steps
 
-def run_target(models: Models, cases: list[Any], max_new_tokens: int) -> tuple[RowResult, list[list[int]], list[float]]:
+
+def _sampling_kwargs(settings: SamplingConfig) -> dict[str, Any]:
+    return settings.generate_kwargs()
+
+
+def run_target(models: Models, cases: list[Any], max_new_tokens: int, settings: SamplingConfig
+               ) -> tuple[RowResult, list[list[int]], list[float]]:
     """The baseline: returns its outputs (for the identity check) and per-prompt prefill times."""
-    row = RowResult("target")
+    row = RowResult("target", temperature=settings.temperature, identical_to_target=None)
     outputs, prefill_times = [], []
     device = models.target.device
-    for inputs in cases:
+    for index, inputs in enumerate(cases):
         _sync(device)
         start = time.perf_counter()
-        models.target.generate(**inputs, do_sample=False, max_new_tokens=1)
+        models.target.generate(**inputs, max_new_tokens=1, **_sampling_kwargs(settings))
         _sync(device)
         prefill_times.append(time.perf_counter() - start)
+        torch.manual_seed(index)
         start = time.perf_counter()
-        output = models.target.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+        output = models.target.generate(**inputs, max_new_tokens=max_new_tokens, **_sampling_kwargs(settings))
         _sync(device)
         elapsed = time.perf_counter() - start
         new_ids = output[0, inputs["input_ids"].shape[1]:].tolist()
@@ -314,14 +447,18 @@ def run_target(models: Models, cases: list[Any], max_new_tokens: int) -> tuple[R
 
 
 def run_engine(name: str, models: Models, drafter: Any, cases: list[Any], references: list[list[int]],
-               max_new_tokens: int, num_draft_tokens: int) -> RowResult:
-    row = RowResult(name)
+               max_new_tokens: int, num_draft_tokens: int, settings: SamplingConfig) -> RowResult:
+    row = RowResult(name, temperature=settings.temperature)
     generator = SpeculativeGenerator(models.target, drafter, models.processor)
     runs = []
-    for inputs, reference in zip(cases, references):
-        output = generator.generate_from_inputs(inputs, max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens)
+    for index, (inputs, reference) in enumerate(zip(cases, references)):
+        output = generator.generate_from_inputs(
+            inputs, max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens, seed=index,
+            **{key: value for key, value in asdict(settings).items()})
         runs.append(output.stats)
-        row.identical_to_target &= output.generated_ids[0].tolist() == reference
+        if settings.greedy:
+            row.identical_to_target &= output.generated_ids[0].tolist() == reference
+    row.identical_to_target = row.identical_to_target if settings.greedy else None
     row.stats = GenerationStats.merge(runs)
     row.new_tokens = row.stats.new_tokens
     row.total_seconds = row.stats.total_seconds
@@ -331,26 +468,29 @@ def run_engine(name: str, models: Models, drafter: Any, cases: list[Any], refere
 
 
 def run_hf_assisted(models: Models, cases: list[Any], references: list[list[int]], prefill_times: list[float],
-                    max_new_tokens: int, num_draft_tokens: int) -> RowResult:
-    row = RowResult("hf-assisted-text")
+                    max_new_tokens: int, num_draft_tokens: int, settings: SamplingConfig) -> RowResult:
+    row = RowResult("hf-assisted-text", temperature=settings.temperature)
     try:
         assistant = hf_assistant(models.text_drafter, models.target)
         assistant.generation_config.num_assistant_tokens = num_draft_tokens
         assistant.generation_config.num_assistant_tokens_schedule = "constant"
         assistant.generation_config.assistant_confidence_threshold = 0.0  # fixed γ, like the engine
         device = models.target.device
-        for inputs, reference, prefill_time in zip(cases, references, prefill_times):
+        for index, (inputs, reference, prefill_time) in enumerate(zip(cases, references, prefill_times)):
+            torch.manual_seed(index)
             _sync(device)
             start = time.perf_counter()
-            output = models.target.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
-                                            assistant_model=assistant)
+            output = models.target.generate(**inputs, max_new_tokens=max_new_tokens, assistant_model=assistant,
+                                            **_sampling_kwargs(settings))
             _sync(device)
             elapsed = time.perf_counter() - start
             new_ids = output[0, inputs["input_ids"].shape[1]:].tolist()
-            row.identical_to_target &= new_ids == reference
+            if settings.greedy:
+                row.identical_to_target &= new_ids == reference
             row.new_tokens += len(new_ids)
             row.total_seconds += elapsed
             row.decode_seconds += elapsed - prefill_time
+        row.identical_to_target = row.identical_to_target if settings.greedy else None
     except Exception as error:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
         logger.warning("HF assisted generation failed: %s: %s", type(error).__name__, error)
         row.error = f"{type(error).__name__}: {error}"
@@ -360,11 +500,11 @@ def run_hf_assisted(models: Models, cases: list[Any], references: list[list[int]
 # ---- report ---------------------------------------------------------------------------------------
 def format_table(rows: list[dict[str, Any]]) -> str:
     columns = [  # (header, key, digits)
-        ("tok/s", "tokens_per_second", 1), ("dec tok/s", "decode_tokens_per_second", 1),
-        ("speedup", "speedup", 2), ("dec spdup", "decode_speedup", 2), ("theory", "theoretical_speedup", 2),
-        ("theory(v)", "theoretical_speedup_measured_verify", 2), ("MAL", "mean_accepted_length", 2),
-        ("acc/step", "mean_accepted_drafts", 2), ("alpha", "acceptance_rate", 2), ("c", "cost_ratio", 3),
-        ("v", "verify_ratio", 2),
+        ("T", "temperature", 1), ("tok/s", "tokens_per_second", 1), ("dec tok/s", "decode_tokens_per_second", 1),
+        ("speedup", "speedup", 2), ("dec spdup", "decode_speedup", 2), ("theory(v)", "theoretical_speedup_measured_verify", 2),
+        ("effic.", "efficiency", 2), ("MAL", "mean_accepted_length", 2), ("MAL full", "mean_accepted_length_full_blocks", 2),
+        ("alpha", "acceptance_rate", 2), ("c", "cost_ratio", 3), ("v", "verify_ratio", 2),
+        ("ovh ms", "engine_overhead_ms_per_step", 2),
     ]
     lines = ["  ".join([f"{'row':<19}"] + [f"{header:>9}" for header, _, _ in columns] + [f"{'same':>5}"])]
     for row in rows:
@@ -375,34 +515,55 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         for _, key, digits in columns:
             value = row.get(key)
             cells.append(f"{value:>9.{digits}f}" if isinstance(value, (int, float)) else f"{'-':>9}")
-        same = "yes" if row.get("identical_to_target") else "NO"
+        same = {True: "yes", False: "NO", None: "-"}[row.get("identical_to_target")]
         lines.append("  ".join([f"{row['name']:<19}"] + cells + [f"{same:>5}"]))
     for row in rows:
         if row.get("position_acceptance"):
             positions = ", ".join(f"{value:.2f}" for value in row["position_acceptance"])
-            lines.append(f"{row['name']}: acceptance per draft position [{positions}]")
+            lines.append(f"{row['name']} (T={row['temperature']}): acceptance per draft position [{positions}]")
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--models", default="tiny", choices=["tiny", "world", *sorted(REAL_SIZE_PAIRS)],
+                        help="tiny random pairs, the shipped world models, or real-size random architectures")
     parser.add_argument("--family", default="qwen2_5_vl", choices=["qwen2_5_vl", "gemma3"], help="tiny models only")
     parser.add_argument("--size", default="tiny", choices=sorted(SIZES), help="tiny models only")
     parser.add_argument("--target", default=None, help="real target VLM (path or hub id); default: tiny random")
     parser.add_argument("--drafter", default=None,
                         help="'target-copy' (the target drafts for itself), a MASSV drafter directory, or a "
                              "causal LM path (text-only); default: the tiny random drafters")
+    parser.add_argument("--massv-drafter", default=None, help="world models: a trained MASSV drafter directory")
+    parser.add_argument("--world-seed", type=int, default=1, help="world models: held-out split seed (demo: 1)")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0], help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="sampling: top-k on both sides (0 = off)")
     parser.add_argument("--num-draft-tokens", type=int, default=4, help="γ")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--num-prompts", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=64, help="random test images (tiny processors: 64)")
     parser.add_argument("--cost-repeats", type=int, default=30, help="single-token forwards timed for c")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every row, interleaved; medians reported")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="real models only")
     parser.add_argument("--dtype", default="bfloat16", help="real models only")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return parser.parse_args(argv)
+
+
+def _drafters(args: argparse.Namespace, models: Models) -> list[tuple[str, Any]]:
+    if args.drafter == "target-copy":
+        return [("engine-target-copy", TargetAsDrafter(models.target))]
+    drafters = []
+    if models.text_drafter is not None:
+        drafters.append(("engine-text", models.text_drafter))
+    if models.multimodal_drafter is not None:
+        drafters.append(("engine-massv", models.multimodal_drafter))
+    if models.synthetic_inputs:  # real-size random weights: the copy shows the machinery at full acceptance
+        drafters.append(("engine-target-copy", TargetAsDrafter(models.target)))
+    return drafters
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -413,54 +574,68 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     models = load_models(args)
     adapter = get_adapter(models.target.config)
-    cases = build_inputs(models, adapter, args.num_prompts, args.image_size, args.seed)
+    cases = build_inputs(models, adapter, args)
     gamma, max_new = args.num_draft_tokens, args.max_new_tokens
     logger.info("benchmarking %s: %d prompts, γ=%d, max_new_tokens=%d", models.description, len(cases), gamma, max_new)
+    device = models.target.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
     # warm-up: first calls pay for lazy initialisation, which would bias whichever row runs first
     models.target.generate(**cases[0], do_sample=False, max_new_tokens=4)
-
-    target_row, references, prefill_times = run_target(models, cases, max_new)
-    rows: list[RowResult] = [target_row]
-    drafters: list[tuple[str, Any]] = []
-    if args.drafter == "target-copy":
-        drafters.append(("engine-target-copy", TargetAsDrafter(models.target)))
-    else:
-        if models.text_drafter is not None:
-            drafters.append(("engine-text", models.text_drafter))
-        if models.multimodal_drafter is not None:
-            drafters.append(("engine-massv", models.multimodal_drafter))
+    drafters = _drafters(args, models)
     if not drafters:
         logger.warning("no drafter to benchmark (pass --drafter): reporting the target alone")
+    costs = {}
     for name, drafter in drafters:
         SpeculativeGenerator(models.target, drafter, models.processor).generate_from_inputs(
             cases[0], max_new_tokens=4, num_draft_tokens=gamma)  # warm-up
-        row = run_engine(name, models, drafter, cases, references, max_new, gamma)
-        row.cost = forward_cost_ratio(models, drafter, adapter, cases[0], args.cost_repeats, gamma)
-        rows.append(row)
-        if name == "engine-text":
-            rows.append(run_hf_assisted(models, cases, references, prefill_times, max_new, gamma))
+        costs[name] = forward_cost_ratio(models, drafter, adapter, cases[0], args.cost_repeats, gamma)
 
-    summaries = [row.summary(target_row, gamma) for row in rows]
+    summaries = []
+    # Repeats interleave every row and temperature, so load drifting over time hits all rows alike.
+    for repeat in range(args.repeats):
+        for temperature in args.temperatures:
+            settings = SamplingConfig(temperature=temperature, top_k=args.top_k if temperature > 0 else 0)
+            target_row, references, prefill_times = run_target(models, cases, max_new, settings)
+            rows: list[RowResult] = [target_row]
+            for name, drafter in drafters:
+                row = run_engine(name, models, drafter, cases, references, max_new, gamma, settings)
+                row.cost = costs[name]
+                rows.append(row)
+                if name == "engine-text" and not models.synthetic_inputs:
+                    rows.append(run_hf_assisted(models, cases, references, prefill_times, max_new, gamma, settings))
+            block = [dict(row.summary(target_row, gamma), repeat=repeat) for row in rows]
+            _engine_over_hf(block)
+            summaries += block
     table = format_table(summaries)
+    medians = median_summary(summaries)
     print(table)
+    print(format_medians(medians))
     result = {
         "description": models.description,
-        "device": str(models.target.device),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "dtype": str(models.target.dtype),
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),
         "num_draft_tokens": gamma,
         "max_new_tokens": max_new,
         "num_prompts": len(cases),
+        "temperatures": args.temperatures,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "repeats": args.repeats,
         "rows": summaries,
+        "medians": medians,
         "notes": {
             "MAL": "tokens emitted per verification step including the bonus/correction token; prefill not a step",
-            "acc/step": "accepted draft tokens per verification step",
+            "MAL full": "MAL over steps whose drafting the max_new_tokens budget did not cut short",
             "alpha": "accepted drafts / judged drafts (drafts after a rejection are never judged)",
-            "c": "drafter / target time of one single-token forward on a warm cache",
-            "theory": "(1 - alpha^(γ+1)) / ((1 - alpha)(γc + 1)), compare with dec speedup",
-            "theory(v)": "the same with the measured verification cost: denominator γc + v",
+            "c": "one draft step (drafter forward + scoring) / one single-token target forward, warm cache",
             "v": "one target forward over γ+1 tokens / one single-token target forward",
+            "theory(v)": "(1 - alpha^(γ+1)) / ((1 - alpha)(γc + v)): the expected decode speedup",
+            "efficiency": "decode speedup / theory(v): 1.0 means the loop adds nothing to its forwards",
+            "ovh ms": "decode time per verification step beyond the timed forwards (drafts at c, verification at v)",
             "decode": "engine: drafting + verifying time; target / HF: total minus generate(max_new_tokens=1)",
             "hf-assisted-text": "target.generate(assistant_model=hf_assistant(drafter)): image kwargs dropped, "
                                 "3-D positions flattened to their first row, logits padded to the target vocab",
@@ -471,6 +646,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.out.write_text(json.dumps(result, indent=2))
         logger.info("wrote %s", args.out)
     return result
+
+
+MEDIAN_KEYS = ("tokens_per_second", "speedup", "decode_speedup", "efficiency", "tokens_per_second_over_hf_assisted",
+               "mean_accepted_length", "acceptance_rate", "engine_overhead_ms_per_step")
+
+
+def median_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (row, temperature): the median over repeats of each headline number, and every repeat's value."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for row in rows:
+        if not row.get("error"):
+            groups.setdefault((row["name"], row["temperature"]), []).append(row)
+    medians = []
+    for (name, temperature), group in groups.items():
+        entry: dict[str, Any] = {"name": name, "temperature": temperature, "runs": len(group)}
+        for key in MEDIAN_KEYS:
+            values = [row[key] for row in group if isinstance(row.get(key), (int, float))]
+            if values:
+                entry[key] = statistics.median(values)
+                entry[f"{key}_runs"] = values
+        medians.append(entry)
+    return medians
+
+
+def format_medians(medians: list[dict[str, Any]]) -> str:
+    lines = ["medians over repeats:"]
+    for entry in medians:
+        parts = [f"{key}={entry[key]:.3f}" for key in MEDIAN_KEYS if key in entry]
+        lines.append(f"  {entry['name']:<19} T={entry['temperature']}: " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def _engine_over_hf(rows: list[dict[str, Any]]) -> None:
+    """The engine's tokens/s over HF assisted generation's, with the same text LM, same settings."""
+    by_name = {row["name"]: row for row in rows}
+    engine, hf = by_name.get("engine-text"), by_name.get("hf-assisted-text")
+    if engine and hf and not engine.get("error") and not hf.get("error"):
+        engine["tokens_per_second_over_hf_assisted"] = engine["tokens_per_second"] / hf["tokens_per_second"]
 
 
 if __name__ == "__main__":
