@@ -51,22 +51,22 @@ def _accepted_prefix(drafts, draft_probs, target_probs, generator):
 
 def always_accept(drafts, draft_probs, target_probs, generator=None):
     """Bug: skip the acceptance test (emits the drafter's distribution)."""
-    return drafts.shape[0], int(sample(target_probs[drafts.shape[0]], generator))
+    return drafts.shape[0], int(sample(target_probs[drafts.shape[0]], generator)), drafts.tolist()
 
 
 def resample_from_target(drafts, draft_probs, target_probs, generator=None):
     """Bug: after a rejection, sample from p instead of norm(max(0, p - q)) (over-weights drafted tokens)."""
     count = _accepted_prefix(drafts, draft_probs, target_probs, generator)
-    return count, int(sample(target_probs[count], generator))
+    return count, int(sample(target_probs[count], generator)), drafts.tolist()
 
 
 def bonus_from_previous_row(drafts, draft_probs, target_probs, generator=None):
     """Bug: after full acceptance, draw the bonus token from the last draft's row of p instead of the next."""
     count = _accepted_prefix(drafts, draft_probs, target_probs, generator)
     if count == drafts.shape[0] > 0:
-        return count, int(sample(target_probs[count - 1], generator))
+        return count, int(sample(target_probs[count - 1], generator)), drafts.tolist()
     q = torch.zeros_like(target_probs[0]) if count == drafts.shape[0] else draft_probs[count]
-    return count, int(sample(residual_distribution(target_probs[count], q), generator))
+    return count, int(sample(residual_distribution(target_probs[count], q), generator)), drafts.tolist()
 
 
 BROKEN_RULES = [always_accept, resample_from_target, bonus_from_previous_row]
@@ -107,7 +107,7 @@ def _markov_sequence(rule, num_tokens: int, num_draft_tokens: int, generator: to
             drafts.append(context)
         draft_probs = DRAFT_TRANSITIONS[[sequence[-1]] + drafts[:-1]]
         target_probs = TARGET_TRANSITIONS[[sequence[-1]] + drafts]
-        num_accepted, next_token = rule(torch.tensor(drafts), draft_probs, target_probs, generator)
+        num_accepted, next_token, _ = rule(torch.tensor(drafts), draft_probs, target_probs, generator)
         sequence += drafts[:num_accepted] + [next_token]
     return tuple(sequence[1 : num_tokens + 1])
 

@@ -1,8 +1,9 @@
 """Acceptance rules: which drafts the target keeps, and the one token it adds after them.
 
-Both rules work on tensors and read one pair of integers back to the host per block (the accepted count
-and the next token), the shape of Hugging Face's `_speculative_sampling`: the accepted count is
-`((~accepted).cumsum() < 1).sum()`, the length of the all-accepted prefix, with no per-draft Python loop.
+Both rules work on tensors and read back to the host once per block: the accepted count, the next token
+and the drafts' ids, in one transfer (so a proposer need not read its last draft back itself). The
+accepted count is `((~accepted).cumsum() < 1).sum()`, the length of the all-accepted prefix, as in Hugging
+Face's `_speculative_sampling`: no per-draft Python loop.
 """
 
 from __future__ import annotations
@@ -12,19 +13,28 @@ import torch
 from massv.speculative.sampling import sample
 
 
-def accept_greedy(drafts: torch.Tensor, target_scores: torch.Tensor) -> tuple[int, int]:
+Verdict = tuple[int, int, list[int]]  # (num_accepted, next_token, every draft's id)
+
+
+def _read_back(num_accepted: torch.Tensor, next_token: torch.Tensor, drafts: torch.Tensor) -> Verdict:
+    """The block's one host sync."""
+    values = torch.cat([num_accepted.view(1), next_token.view(1).to(num_accepted.dtype),
+                        drafts.to(num_accepted.dtype)]).tolist()
+    return int(values[0]), int(values[1]), [int(value) for value in values[2:]]
+
+
+def accept_greedy(drafts: torch.Tensor, target_scores: torch.Tensor) -> Verdict:
     """Accept drafts while each equals the target's argmax; then the target's own argmax.
 
     `drafts: (n,)` ids; `target_scores: (n + 1, vocab)`, row i the target's processed scores for the
-    position of draft i, the last row the position after all drafts. Returns `(num_accepted, next_token)`:
-    exactly the tokens step-by-step greedy decoding would produce.
+    position of draft i, the last row the position after all drafts. Returns `(num_accepted, next_token,
+    draft_ids)`: exactly the tokens step-by-step greedy decoding would produce.
     """
     choice = target_scores.argmax(dim=-1)  # (n + 1,)
-    matches = drafts.to(choice.device) == choice[:-1]
+    drafts = drafts.to(choice.device)
+    matches = drafts == choice[:-1]
     num_accepted = ((~matches).cumsum(dim=0) < 1).sum()
-    next_token = choice.gather(0, num_accepted.view(1))[0]
-    accepted, token = torch.stack([num_accepted, next_token]).tolist()  # the block's one host sync
-    return int(accepted), int(token)
+    return _read_back(num_accepted, choice.gather(0, num_accepted.view(1)), drafts)
 
 
 def residual_distribution(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> torch.Tensor:
@@ -36,19 +46,19 @@ def residual_distribution(target_probs: torch.Tensor, draft_probs: torch.Tensor)
 
 
 def accept_sampled(drafts: torch.Tensor, draft_probs: torch.Tensor | None, target_probs: torch.Tensor,
-                   generator: torch.Generator | None = None) -> tuple[int, int]:
+                   generator: torch.Generator | None = None) -> Verdict:
     """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023): the emitted tokens are distributed as p.
 
     `draft_probs: (n, vocab)` are the distributions the drafts were sampled from (q, zero outside the
     draftable ids); `target_probs: (n + 1, vocab)` the target's warped distributions at the same positions
     plus the one after. Draft i is kept with probability min(1, p_i(x) / q_i(x)); at the first rejection the
     next token is drawn from norm(max(0, p_i - q_i)); after full acceptance from p_n, which is the same
-    formula with q_n = 0. Returns `(num_accepted, next_token)`.
+    formula with q_n = 0. Returns `(num_accepted, next_token, draft_ids)`.
     """
     num_drafts = drafts.shape[0]
     device = target_probs.device
     if num_drafts == 0:
-        return 0, int(sample(target_probs[0], generator))
+        return 0, int(sample(target_probs[0], generator)), []
     if draft_probs is None or draft_probs.shape != (num_drafts, target_probs.shape[-1]):
         shape = None if draft_probs is None else tuple(draft_probs.shape)
         raise ValueError(f"draft distributions of shape {shape} do not match {num_drafts} drafts over "
@@ -64,6 +74,4 @@ def accept_sampled(drafts: torch.Tensor, draft_probs: torch.Tensor | None, targe
     q_with_bonus_row = torch.cat([draft_probs, torch.zeros_like(draft_probs[:1])])  # q_n = 0: residual is p_n
     index = num_accepted.view(1, 1).expand(1, target_probs.shape[-1])
     residual = residual_distribution(target_probs.gather(0, index), q_with_bonus_row.gather(0, index))
-    next_token = sample(residual[0], generator)
-    count, token = torch.stack([num_accepted, next_token.to(num_accepted.dtype)]).tolist()
-    return int(count), int(token)
+    return _read_back(num_accepted, sample(residual[0], generator), drafts)

@@ -196,16 +196,16 @@ class SpeculativeGenerator:
 
             # (c) Accept a prefix of the drafts and add the target's own token.
             if settings.greedy:
-                num_accepted, next_token = accept_greedy(drafts, scores)
+                num_accepted, next_token, draft_ids = accept_greedy(drafts, scores)
             else:
-                num_accepted, next_token = accept_sampled(
+                num_accepted, next_token, draft_ids = accept_sampled(
                     drafts, None if proposal is None else proposal.probs, probs_from_scores(scores), target_generator)
 
             # (d) Commit: drop rejected drafts from both caches, append what was emitted.
             verifier.rollback(num_drafts - num_accepted)
             if proposer is not None and proposal is not None:
                 proposer.commit(num_accepted)
-            emitted = (proposal.token_list[:num_accepted] if proposal is not None else []) + [next_token]
+            emitted = draft_ids[:num_accepted] + [next_token]
             judged = num_accepted + (1 if num_accepted < num_drafts else 0)
             emitted = self._cut_at_eos(emitted, eos_ids)
             if len(emitted) <= num_accepted:  # an accepted draft was EOS: later drafts were never emitted

@@ -93,15 +93,23 @@ class CommittedTokens:
 
 @dataclass
 class Proposal:
-    """Candidate tokens after the committed ones, and (when sampling) the distributions they came from."""
+    """Candidate tokens after the committed ones, and (when sampling) the distributions they came from.
+
+    The ids stay on the device: the acceptance rule reads them back with its verdict, in the block's one
+    transfer, so a proposer reads back only the drafts it must test for end-of-sequence.
+    """
 
     tokens: torch.Tensor  # (n,) long, on the target's device
-    token_list: list[int]  # the same ids on the host
     probs: torch.Tensor | None = None  # (n, target_vocab) q rows, zero outside the draftable ids; sampling only
     forwards: int = 0  # drafter forwards this proposal cost
 
     def __len__(self) -> int:
-        return len(self.token_list)
+        return self.tokens.shape[0]
+
+    @property
+    def token_list(self) -> list[int]:
+        """The ids on the host (a sync: for tests and tools, not the loop)."""
+        return self.tokens.tolist()
 
 
 class Proposer(ABC):

@@ -101,7 +101,7 @@ class CausalLMProposer(Proposer):
         pending = self._readable(pending)
         block_history = self._history_for_block(sequence)
         settings = self.request.settings
-        tokens, token_list = [], []
+        tokens = []
         probs = None if settings.greedy else torch.zeros(
             max_tokens, self.request.target_vocab_size, device=self.request.target.device)
         for index in range(max_tokens):
@@ -114,18 +114,17 @@ class CausalLMProposer(Proposer):
                 q = probs_from_scores(scores)
                 token = sample(q, self.generator)
                 probs[index, : self.draftable] = q[0].to(probs.device)
-            token_id = int(token)  # the draft's one host sync
             tokens.append(token)
-            token_list.append(token_id)
-            if token_id in self.request.eos_token_ids:
+            if index == max_tokens - 1:
+                break  # the last draft is read back with the verdict
+            if int(token) in self.request.eos_token_ids:  # the draft's one host sync
                 break  # nothing after an end-of-sequence draft could ever be emitted
             if block_history is not None:
                 block_history.add(token)
             pending = self._readable(token.view(1, 1))
-        self.last_proposed = len(token_list)
+        self.last_proposed = len(tokens)
         device_tokens = torch.cat(tokens).to(self.request.target.device)
-        return Proposal(device_tokens, token_list, None if probs is None else probs[: len(token_list)],
-                        forwards=len(token_list))
+        return Proposal(device_tokens, None if probs is None else probs[: len(tokens)], forwards=len(tokens))
 
     def commit(self, num_accepted: int) -> None:
         # The cache holds the drafts fed after the first: all but the last proposed. Keep the accepted ones.

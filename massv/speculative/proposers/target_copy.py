@@ -58,7 +58,7 @@ class TargetCopyProposer(Proposer):
             self.history.add(sequence.ids[0, self.history_length : sequence.length])
             self.history_length = sequence.length
             block_history = self.history.copy()
-        tokens, token_list = [], []
+        tokens = []
         probs = None if self.request.settings.greedy else torch.zeros(max_tokens, self.vocab_size, device=self.device)
         for index in range(max_tokens):
             logits = self.session.verify(pending)[-1:].float()
@@ -69,17 +69,14 @@ class TargetCopyProposer(Proposer):
                 q = probs_from_scores(scores)
                 token = sample(q, self.generator)
                 probs[index] = q[0]
-            token_id = int(token)
             tokens.append(token)
-            token_list.append(token_id)
-            if token_id in self.request.eos_token_ids:
+            if index == max_tokens - 1 or int(token) in self.request.eos_token_ids:  # one sync per draft
                 break
             if self.history is not None:
                 block_history.add(token)
             pending = token.view(1, 1)
-        self.last_proposed = len(token_list)
-        return Proposal(torch.cat(tokens), token_list, None if probs is None else probs[: len(token_list)],
-                        forwards=len(token_list))
+        self.last_proposed = len(tokens)
+        return Proposal(torch.cat(tokens), None if probs is None else probs[: len(tokens)], forwards=len(tokens))
 
     def commit(self, num_accepted: int) -> None:
         fed_drafts = max(self.last_proposed - 1, 0)
