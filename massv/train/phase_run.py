@@ -69,7 +69,7 @@ def train_drafter(config: RunConfig, phase: int, accelerator: Accelerator, draft
 def save_final_drafter(config: RunConfig, phase: int, accelerator: Accelerator, drafter: MultimodalDrafter,
                        stored_modules: Sequence[nn.Module]) -> Path:
     """Cast `stored_modules` (the ones the phase trained) to the checkpoint dtype, save the drafter to
-    `<output_dir>/final` and end training on every process."""
+    `<output_dir>/final` and finish the trackers on every process."""
     cfg = phase_config(config, phase)
     if cfg.gradient_checkpointing:
         drafter.language_model.gradient_checkpointing_disable()
@@ -83,7 +83,10 @@ def save_final_drafter(config: RunConfig, phase: int, accelerator: Accelerator, 
         drafter.save_pretrained(path)
         logger.info("phase %d done: drafter saved to %s", phase, path)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    # Trackers end with the phase; the process group does not (`accelerator.end_training()` would destroy it):
+    # a script may run the next phase in the same processes. `massv train` destroys it on exit.
+    for tracker in accelerator.trackers:
+        tracker.finish()
     return path
 
 
