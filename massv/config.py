@@ -56,13 +56,24 @@ class ModelConfig:
     projector_layers: int = 2
     projector_activation: str = "gelu"
     torch_dtype: Literal["bfloat16", "float16", "float32", "auto"] = "bfloat16"
-    attn_implementation: str | None = None  # None: transformers' default (sdpa where available)
+    # "sdpa" or "flash_attention_2" (needs flash-attn); None: transformers' default. Without either, Qwen2.5-VL's
+    # vision tower runs its window attention as a Python loop over windows.
+    attn_implementation: str | None = None
+    # Qwen2.5-VL's dynamic resolution: images are resized to between min_pixels and max_pixels pixels (None: the
+    # processor's own limits, 3136 and 12845056). Each 28x28 pixel block is one image token, so max_pixels bounds
+    # the image block (e.g. 1003520 = 1280 tokens). Applied wherever the target's processor is built here.
+    min_pixels: int | None = None
+    max_pixels: int | None = None
 
     def _problems(self) -> Iterator[tuple[str, str]]:
         if self.projector_hidden_dim is not None and self.projector_hidden_dim < 1:
             yield "projector_hidden_dim", "must be >= 1 (or null for the drafter's hidden size)"
         if self.projector_layers < 1:
             yield "projector_layers", "must be >= 1"
+        if self.min_pixels is not None and self.min_pixels < 1:
+            yield "min_pixels", "must be >= 1 (or null for the processor's default)"
+        if self.max_pixels is not None and self.max_pixels < max(1, self.min_pixels or 1):
+            yield "max_pixels", "must be >= min_pixels (or null for the processor's default)"
 
 
 @dataclass
@@ -77,6 +88,12 @@ class DataConfig:
     max_length: int = 2048  # tokens per training sequence, image tokens included
     strict_images: bool = False  # True: a missing or corrupt image aborts instead of being skipped
     num_workers: int = 4
+    # Answers the target did not finish within distill.max_new_tokens: "mask_end" trains on their tokens but
+    # not on the end-of-turn token the template adds at the cut; "drop" leaves such samples out.
+    truncated_answers: Literal["mask_end", "drop"] = "mask_end"
+    # Where the checked training records are cached (content-hashed, reused on --resume and by every
+    # process); None: <output_dir>/preprocessed of each phase.
+    cache_dir: str | None = None
 
     def _problems(self) -> Iterator[tuple[str, str]]:
         if self.max_length < 1:
@@ -91,23 +108,35 @@ class DistillConfig:
 
     max_new_tokens: int = 512
     temperature: float = 0.0  # 0.0: greedy, the distribution the drafter must match at T=0
-    top_p: float = 1.0
+    # null: as target.generate() decides (the target's generation config, then Hugging Face's defaults), which
+    # is also what `massv eval` and the engine do; resolved by massv.generation_settings and written to the
+    # manifest. Qwen2.5-VL's config sets repetition_penalty 1.05 (applied to greedy decoding too) and top_k 1.
+    top_p: float | None = None
+    top_k: int | None = None  # 0 disables top-k
+    repetition_penalty: float | None = None
     batch_size: int = 8
     all_turns: bool = False  # False: regenerate the first answer only; True: every gpt turn
     shard_size: int = 1000  # records per output file, so an interrupted run resumes per shard
     seed: int = 0
+    process_group_timeout_minutes: float = 60.0  # collectives (the start-up barrier) wait this long
 
     def _problems(self) -> Iterator[tuple[str, str]]:
         if self.max_new_tokens < 1:
             yield "max_new_tokens", "must be >= 1"
         if self.temperature < 0:
             yield "temperature", "must be >= 0 (0 means greedy)"
-        if not 0 < self.top_p <= 1:
-            yield "top_p", "must be in (0, 1]"
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            yield "top_p", "must be in (0, 1] (or null for the target's generation config)"
+        if self.top_k is not None and self.top_k < 0:
+            yield "top_k", "must be >= 0 (0 disables it; null for the target's generation config)"
+        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
+            yield "repetition_penalty", "must be > 0 (1.0 disables it; null for the target's generation config)"
         if self.batch_size < 1:
             yield "batch_size", "must be >= 1"
         if self.shard_size < 1:
             yield "shard_size", "must be >= 1"
+        if self.process_group_timeout_minutes <= 0:
+            yield "process_group_timeout_minutes", "must be > 0"
 
 
 @dataclass
@@ -139,8 +168,15 @@ class TrainingConfig:
     output_dir: str = "outputs/phase"
     num_epochs: float = 1.0
     max_steps: int | None = None  # optimizer steps; overrides num_epochs when set
-    per_device_batch_size: int = 8
-    gradient_accumulation_steps: int = 4
+    per_device_batch_size: int = 8  # with max_tokens_per_batch: the most samples in one micro-batch
+    gradient_accumulation_steps: int = 4  # ignored when global_batch_size is set
+    # Samples per optimizer step over all processes: per_device_batch_size x processes x accumulation. When
+    # set, the accumulation is derived from it for the number of processes of the launch (which must divide
+    # it), so the same config trains with the same global batch on 1, 8 or 64 GPUs.
+    global_batch_size: int | None = None
+    # Micro-batches by token budget: similar-length samples grouped so that (samples x longest) <= this many
+    # padded tokens per device, at most per_device_batch_size samples. None: plain shuffled batches.
+    max_tokens_per_batch: int | None = None
     learning_rate: float = 2e-5
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
@@ -154,6 +190,9 @@ class TrainingConfig:
     tensorboard: bool = False
     lora: LoraConfig | None = None  # phase 2 only: phase 1 trains the projector alone
     gradient_checkpointing: bool = False
+    # How long a collective (a barrier while the main process preprocesses or saves) waits before the job is
+    # killed; torch's default for NCCL is 10 minutes.
+    process_group_timeout_minutes: float = 60.0
 
     def _problems(self) -> Iterator[tuple[str, str]]:
         if self.num_epochs <= 0 and self.max_steps is None:
@@ -164,6 +203,13 @@ class TrainingConfig:
             yield "per_device_batch_size", "must be >= 1"
         if self.gradient_accumulation_steps < 1:
             yield "gradient_accumulation_steps", "must be >= 1"
+        if self.global_batch_size is not None and (self.global_batch_size < 1
+                                                   or self.global_batch_size % self.per_device_batch_size):
+            yield "global_batch_size", "must be a positive multiple of per_device_batch_size (or null)"
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
+            yield "max_tokens_per_batch", "must be >= 1 (or null for plain batches)"
+        if self.process_group_timeout_minutes <= 0:
+            yield "process_group_timeout_minutes", "must be > 0"
         if self.learning_rate <= 0:
             yield "learning_rate", "must be > 0"
         if self.weight_decay < 0:
@@ -340,6 +386,7 @@ def load_config(
         where = f"{where} (with overrides)"
     config = _build_dataclass(RunConfig, raw, section="", where=where, base=None)
     _check_values(config, where)
+    _check_across_sections(config, where)
     if config.phase1.lora is not None:
         logger.warning("phase1.lora is set but phase 1 trains only the projector; it will be ignored")
     return config
@@ -538,6 +585,16 @@ def _check_values(config: Any, where: str, section: str = "") -> None:
     for key, problem in problems():
         value = getattr(config, key)
         raise ConfigError(f"key '{key}' in {_section_label(section)} of {where} {problem}, got {value!r}")
+
+
+def _check_across_sections(config: RunConfig, where: str) -> None:
+    """Checks that involve two sections (each section's own checks are in its `_problems`)."""
+    for name in ("phase1", "phase2"):
+        budget = getattr(config, name).max_tokens_per_batch
+        if budget is not None and budget < config.data.max_length:
+            raise ConfigError(f"key 'max_tokens_per_batch' in section '{name}' of {where} is {budget}, below "
+                              f"data.max_length {config.data.max_length}: a sample of the longest allowed length "
+                              "would not fit in a micro-batch")
 
 
 def _apply_override(raw: dict[str, Any], override: str) -> None:

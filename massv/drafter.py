@@ -243,12 +243,17 @@ class MultimodalDrafter(nn.Module):
                 logits_to_keep: int = 0) -> CausalLMOutputWithPast:
         """Like an HF causal LM's forward, plus the image (raw `image_inputs` or precomputed features).
 
-        Logits of ids the drafter must never propose (padding rows) are -inf, and the loss (over tokens
-        whose label is not -100) is computed on those masked logits.
+        Without `labels`: logits, where ids the drafter must never propose (padding rows) are -inf.
+        With `labels` (training): only the loss, mean cross-entropy over the tokens whose label is not -100,
+        computed from the LM head at those positions alone (`massv.train.loss`); `logits` is None, because
+        full-vocabulary logits at every position are the largest tensor of a training step.
         """
         if image_features is None and image_inputs is not None and bool((input_ids == self.config.image_token_id).any()):
             image_features = self.encode_images(image_inputs)
         inputs_embeds = self.embed(input_ids, image_features)
+        if labels is not None:
+            return self._loss_forward(inputs_embeds, attention_mask, position_ids, labels, past_key_values,
+                                      use_cache, used_projector=image_features is not None)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=past_key_values,
             position_ids=position_ids, use_cache=use_cache, logits_to_keep=logits_to_keep,
@@ -257,14 +262,29 @@ class MultimodalDrafter(nn.Module):
         if self.config.draftable_vocab_size < logits.shape[-1]:
             logits = logits.clone()
             logits[..., self.config.draftable_vocab_size:] = float("-inf")
-        loss = None
-        if labels is not None:
-            shift_logits = logits[:, :-1].float()
-            shift_labels = labels[:, 1:].to(shift_logits.device)
-            loss = nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100
-            )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(logits=logits, past_key_values=outputs.past_key_values)
+
+    def _loss_forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                      position_ids: torch.Tensor | None, labels: torch.Tensor, past_key_values: Any,
+                      use_cache: bool | None, used_projector: bool) -> CausalLMOutputWithPast:
+        """The LM body, then the head only where labels are set; DDP-safe when no image was projected."""
+        from massv.train.loss import answer_token_loss
+
+        body = self.language_model.get_decoder()
+        outputs = body(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                       past_key_values=past_key_values, use_cache=use_cache)
+        softcap = getattr(self.language_model.config, "final_logit_softcapping", None)
+        loss = answer_token_loss(outputs.last_hidden_state, labels, self.language_model.get_output_embeddings(),
+                                 self.config.draftable_vocab_size, softcap)
+        if not used_projector and torch.is_grad_enabled():
+            # A micro-batch without images leaves the projector out of the graph. Under DDP every process must
+            # produce a gradient for every trainable weight in each step, or the gradient all-reduce of a
+            # process whose batch had an image meets a process whose batch had none (a collective mismatch, a
+            # hang or a crash). A zero-weighted term gives the projector an exact zero gradient instead.
+            trainable = [param.sum() for param in self.projector.parameters() if param.requires_grad]
+            if trainable:
+                loss = loss + 0.0 * torch.stack(trainable).sum().to(loss.dtype)
+        return CausalLMOutputWithPast(loss=loss, past_key_values=outputs.past_key_values)
 
     # ---- persistence --------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, include_vision_encoder: bool | None = None) -> None:

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from massv.benchmarks import BenchmarkSample, load_benchmark
+from massv.chat import prompt_inputs
 from massv.families import get_adapter
 from massv.speculative import GenerationStats, SpeculativeGenerator
 from massv.train.llava_data import load_image
@@ -60,8 +61,7 @@ class EvalSummary:
 
 def _inputs_for(processor: Any, adapter: Any, sample: BenchmarkSample) -> Any:
     image = load_image(sample.image_path, sample.sample_id)
-    text = processor.apply_chat_template(adapter.user_messages(sample.prompt), add_generation_prompt=True)
-    return processor(images=[image], text=[text], return_tensors="pt")
+    return prompt_inputs(processor, adapter.user_messages(sample.prompt), [image])  # no second <bos>
 
 
 def _target_generate(target: Any, inputs: Any, settings: EvalSettings) -> tuple[list[int], float]:

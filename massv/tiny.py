@@ -117,12 +117,20 @@ def train_bpe(corpus: Iterable[str], vocab_size: int, special_tokens: list[str])
     return tokenizer
 
 
-def build_qwen_tokenizer(corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 384) -> PreTrainedTokenizerFast:
-    """A Qwen2-style tokenizer (same special tokens and chat template) trained on `corpus`."""
+def build_qwen_tokenizer(corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 384,
+                         adds_bos: bool = False) -> PreTrainedTokenizerFast:
+    """A Qwen2-style tokenizer (same special tokens and chat template) trained on `corpus`.
+
+    `adds_bos=True`: a variant that prepends `<|endoftext|>` as BOS whenever special tokens are added (the
+    real Qwen tokenizer does not), so a test can see any code path that tokenizes a rendered chat with
+    `add_special_tokens=True`.
+    """
+    bos = {"bos_token": "<|endoftext|>", "add_bos_token": True} if adds_bos else {}
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=train_bpe(corpus, vocab_size, QWEN_SPECIAL_TOKENS),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
+        **bos,
         extra_special_tokens={
             "image_token": "<|image_pad|>",
             "video_token": "<|video_pad|>",
@@ -134,8 +142,13 @@ def build_qwen_tokenizer(corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int
     return tokenizer
 
 
-def build_gemma_tokenizer(corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 384) -> PreTrainedTokenizerFast:
-    """A Gemma3-style tokenizer whose image soft token id is `vocab_size`: one past the text vocabulary."""
+def build_gemma_tokenizer(corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 384,
+                          adds_bos: bool = False) -> PreTrainedTokenizerFast:
+    """A Gemma3-style tokenizer whose image soft token id is `vocab_size`: one past the text vocabulary.
+
+    `adds_bos=True`: like the real Gemma3 tokenizer, it prepends `<bos>` whenever special tokens are added,
+    while the chat template writes `<bos>` too: tokenizing a rendered chat with special tokens gives two.
+    """
     backend = train_bpe(corpus, vocab_size, GEMMA_SPECIAL_TOKENS)
     text_vocab_size = backend.get_vocab_size()
     tokenizer = PreTrainedTokenizerFast(
@@ -149,6 +162,7 @@ def build_gemma_tokenizer(corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: in
             "eoi_token": "<end_of_image>",
             "image_token": GEMMA_IMAGE_TOKEN,
         },
+        **({"add_bos_token": True} if adds_bos else {}),
     )
     tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
     if tokenizer.convert_tokens_to_ids(GEMMA_IMAGE_TOKEN) != text_vocab_size:
@@ -310,18 +324,22 @@ def gemma_drafter_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 
 
 def build_tiny_pair(family: str, seed: int = 0, corpus: Iterable[str] = DEFAULT_CORPUS, image_size: int = 64,
                     target_kwargs: dict[str, Any] | None = None, drafter_kwargs: dict[str, Any] | None = None,
-                    vocab_size: int = 384) -> TinyPair:
-    """Randomly initialised target VLM + drafter LM + processor of `family` ("qwen2_5_vl" or "gemma3")."""
+                    vocab_size: int = 384, tokenizer_adds_bos: bool = False) -> TinyPair:
+    """Randomly initialised target VLM + drafter LM + processor of `family` ("qwen2_5_vl" or "gemma3").
+
+    `tokenizer_adds_bos=True` gives the family's BOS-adding tokenizer variant (see `build_qwen_tokenizer`,
+    `build_gemma_tokenizer`); the weights are the same as without it.
+    """
     torch.manual_seed(seed)
     target_kwargs = dict(target_kwargs or {})
     drafter_kwargs = dict(drafter_kwargs or {})
     if family == "qwen2_5_vl":
-        tokenizer = build_qwen_tokenizer(corpus, vocab_size)
+        tokenizer = build_qwen_tokenizer(corpus, vocab_size, adds_bos=tokenizer_adds_bos)
         processor = build_qwen_processor(tokenizer, image_size=image_size, patch_size=target_kwargs.get("patch_size", 8))
         target = Qwen2_5_VLForConditionalGeneration(qwen_target_config(tokenizer, **target_kwargs))
         drafter_lm = Qwen2ForCausalLM(qwen_drafter_config(tokenizer, **drafter_kwargs))
     elif family == "gemma3":
-        tokenizer = build_gemma_tokenizer(corpus, vocab_size)
+        tokenizer = build_gemma_tokenizer(corpus, vocab_size, adds_bos=tokenizer_adds_bos)
         config = gemma_target_config(tokenizer, image_size=image_size, **target_kwargs)
         processor = build_gemma_processor(tokenizer, image_size, config.mm_tokens_per_image)
         target = Gemma3ForConditionalGeneration(config)

@@ -108,11 +108,11 @@ def test_restart_with_other_settings_is_refused(tmp_path: Path) -> None:
     pair = build_pair("qwen2_5_vl")
     generate_responses(config, target=pair.target, processor=pair.processor, max_items=1)
     manifest = json.loads((Path(config.data.distilled_dir) / MANIFEST_NAME).read_text())
-    assert manifest["target"] == "tiny:qwen2_5_vl" and manifest["temperature"] == 0.0
-    assert manifest["max_new_tokens"] == 2 and manifest["num_records"] == 2
+    assert manifest["target"] == "tiny:qwen2_5_vl" and manifest["generation"]["temperature"] == 0.0
+    assert manifest["generation"]["max_new_tokens"] == 2 and manifest["num_records"] == 2
     sampled = tiny_config(tmp_path, "qwen2_5_vl", data_json, image_root,
                           ["distill.max_new_tokens=2", "distill.temperature=0.7"])
-    with pytest.raises(DistillSettingsError, match="temperature: existing 0.0, now 0.7"):
+    with pytest.raises(DistillSettingsError, match="generation.temperature: existing 0.0, now 0.7"):
         generate_responses(sampled, target=pair.target, processor=pair.processor)
     # The batch size does not change the answers, so it may change between restarts.
     bigger_batches = tiny_config(tmp_path, "qwen2_5_vl", data_json, image_root,

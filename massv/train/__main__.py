@@ -42,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = train_phase(config, int(args.phase), resume=args.resume)
     if main_process and result.final_path is not None:
         logging.getLogger("massv.train").info("final drafter: %s", result.final_path)
+    from accelerate import PartialState
+
+    PartialState().destroy_process_group()  # the phase leaves it up for scripts that run several in one launch
     return 0
 
 

@@ -9,6 +9,7 @@ the same family. The pair is deterministic, so every process and every restart b
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -79,10 +80,74 @@ def build_models(model_config: ModelConfig, device: str | torch.device | None = 
     if model_config.family is not None and target.config.model_type != model_config.family:
         raise ValueError(f"model.family is {model_config.family!r} but {model_config.target} is a "
                          f"{target.config.model_type!r} model")
+    apply_pixel_limits(processor, model_config.min_pixels, model_config.max_pixels)
     if device is not None:
         target.to(device)
     target.eval()
     return target, drafter_lm, processor
+
+
+def apply_pixel_limits(processor: ProcessorMixin, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Set Qwen2.5-VL's resize range (`model.min_pixels` / `model.max_pixels`) on the processor, in place.
+
+    The range decides each image's token count, so training, distillation and evaluation must all use the
+    processor it was set on (the resolved config records it).
+    """
+    if min_pixels is None and max_pixels is None:
+        return
+    image_processor = getattr(processor, "image_processor", None)
+    size = getattr(image_processor, "size", None)
+    current = {key: (size.get(key) if isinstance(size, dict) else getattr(size, key, None))
+               for key in ("shortest_edge", "longest_edge")}
+    if current["longest_edge"] is None:
+        raise ValueError(f"model.min_pixels / model.max_pixels are set, but the target's image processor "
+                         f"({type(image_processor).__name__}) has no pixel range to set: they apply to Qwen2.5-VL's "
+                         "dynamic resolution (Gemma3 resizes every image to one fixed size); remove them")
+    limits = {"shortest_edge": min_pixels if min_pixels is not None else current["shortest_edge"],
+              "longest_edge": max_pixels if max_pixels is not None else current["longest_edge"]}
+    if limits["shortest_edge"] is not None and limits["shortest_edge"] > limits["longest_edge"]:
+        raise ValueError(f"model.min_pixels {limits['shortest_edge']} exceeds max_pixels {limits['longest_edge']}")
+    if isinstance(size, dict):
+        image_processor.size = {**size, **limits}
+    else:
+        from transformers.image_utils import SizeDict
+
+        image_processor.size = SizeDict(**limits)
+    logger.info("image resize range: %s to %s pixels", limits["shortest_edge"], limits["longest_edge"])
+
+
+def release_unused_target_weights(target: PreTrainedModel, keep: dict[str, torch.nn.Module]) -> int:
+    """Replace every weight of `target` outside the `keep` modules by a storage-free meta tensor; returns the
+    bytes freed.
+
+    Training uses only the target's vision modules (shared with the drafter). The rest, the 7B-12B language
+    model, would otherwise stay in CPU memory on every process (8 x 16.6 GB for Qwen2.5-VL-7B on 8 GPUs).
+    The target can only encode images afterwards.
+    """
+    kept = {id(tensor) for module in keep.values()
+            for tensor in itertools.chain(module.parameters(), module.buffers())}
+    freed: set[int] = set()
+    num_bytes = 0
+    for module in target.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if id(param) in kept:
+                continue
+            if id(param) not in freed:
+                freed.add(id(param))
+                num_bytes += param.numel() * param.element_size()
+            module.register_parameter(name, torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
+                                                               requires_grad=False))
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is None or id(buffer) in kept:
+                continue
+            if id(buffer) not in freed:
+                freed.add(id(buffer))
+                num_bytes += buffer.numel() * buffer.element_size()
+            persistent = name not in module._non_persistent_buffers_set
+            module.register_buffer(name, torch.empty(buffer.shape, dtype=buffer.dtype, device="meta"),
+                                   persistent=persistent)
+    logger.info("released %.2f GB of target weights the drafter does not use (language model)", num_bytes / 1e9)
+    return num_bytes
 
 
 def build_target_and_processor(model_config: ModelConfig,
@@ -140,11 +205,14 @@ def resolve_objects(config: RunConfig, phase: int, target: PreTrainedModel | Non
                     ) -> tuple[PreTrainedModel | None, MultimodalDrafter, ProcessorMixin]:
     """Use the objects given (tests, demo) and build the missing ones from `config.model`.
 
-    Phase 1 builds a fresh drafter around the drafter LM; phase 2 loads phase 1's finished drafter.
+    Phase 1 builds a fresh drafter around the drafter LM; phase 2 loads phase 1's finished drafter. A target
+    built here keeps only its vision modules (see `release_unused_target_weights`); a given one is left whole.
     """
     drafter_lm = None
+    built_here = False
     if processor is None or (target is None and drafter is None):
         built_target, drafter_lm, processor = build_models(config.model, with_drafter_lm=phase == 1 and drafter is None)
+        built_here = target is None
         target = target if target is not None else built_target
     if drafter is None:
         if phase == 1:
@@ -153,16 +221,22 @@ def resolve_objects(config: RunConfig, phase: int, target: PreTrainedModel | Non
             drafter = build_drafter(config.model, target, drafter_lm, processor)
         else:
             drafter = load_phase1_drafter(config, target)
+    if built_here:
+        release_unused_target_weights(target, drafter.vision_modules)
     return target, drafter, processor
 
 
-def build_train_dataset(config: RunConfig, records: Dataset, processor: ProcessorMixin,
-                        drafter: MultimodalDrafter) -> tuple[Any, Any]:
-    """(DrafterDataset, DrafterCollator) for LLaVA records, tokenized with the target's processor."""
+def build_train_dataset(config: RunConfig, records: Dataset | None, processor: ProcessorMixin,
+                        drafter: MultimodalDrafter, checked: Dataset | None = None) -> tuple[Any, Any]:
+    """(DrafterDataset, DrafterCollator) for LLaVA records, tokenized with the target's processor.
+
+    `checked`: the records' already checked version (`massv.train.preprocess`), which skips the up-front pass.
+    """
     from massv.train.data import DrafterCollator, DrafterDataset, pad_token_id
 
     dataset = DrafterDataset(records, processor, drafter.adapter, config.data.max_length,
-                             strict_images=config.data.strict_images, num_proc=config.data.num_workers)
+                             strict_images=config.data.strict_images, num_proc=config.data.num_workers,
+                             truncated_answers=config.data.truncated_answers, checked=checked)
     return dataset, DrafterCollator(pad_token_id(processor), drafter.adapter.image_input_names)
 
 

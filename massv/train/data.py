@@ -19,6 +19,14 @@ holds the answers, which is checked token by token.
 Truncation to `max_length` cuts the end of the conversation, never the image block: a sample whose image
 block does not fit is dropped (counted and logged) because half an image would no longer match the
 vision features spliced into it.
+
+Answers the target did not finish (self-distillation cut them at `max_new_tokens`; the record says so in
+`truncated`) end with the template's end-of-turn token too, but the target never chose to stop there.
+`truncated_answers="mask_end"` (default) keeps their tokens as targets and takes the loss off that
+end-of-turn token; `"drop"` drops the whole sample.
+
+The up-front pass over all records (`check_records`) decodes every image once; `massv.train.preprocess`
+runs it on the main process only and caches its result on disk under a content hash.
 """
 
 from __future__ import annotations
@@ -27,12 +35,13 @@ import logging
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from datasets import Dataset
 from transformers import ProcessorMixin
 
+from massv.chat import encode_rendered, render_chat, tokenize_rendered
 from massv.families import FamilyAdapter
 from massv.train.llava_data import GPT, HUMAN, IMAGE_TOKEN, ImageError, load_image
 
@@ -40,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 MAX_LOGGED_IDS = 10
+TruncatedAnswers = Literal["mask_end", "drop"]
 
 
 class ConversationFormatError(ValueError):
@@ -75,12 +85,7 @@ def build_messages(conversations: Sequence[Mapping[str, str]], has_image: bool,
 
 def render_prompt(messages: Sequence[Mapping[str, Any]], processor: ProcessorMixin) -> str:
     """The target's prompt text for the next assistant turn (what `generate` is given)."""
-    return processor.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-
-
-def _tokenize_text(processor: ProcessorMixin, text: str) -> list[int]:
-    # The chat template already wrote every special token (Gemma's <bos> included).
-    return processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return render_chat(processor, messages, add_generation_prompt=True)
 
 
 @dataclass
@@ -94,17 +99,21 @@ class LabeledText:
 
 
 def label_conversation(messages: Sequence[Mapping[str, Any]], processor: ProcessorMixin,
-                       end_of_turn_id: int) -> LabeledText:
-    """Render with the chat template and mark the assistant answers, prefix by prefix (see module docstring)."""
-    text = processor.apply_chat_template(list(messages), tokenize=False)
-    input_ids = _tokenize_text(processor, text)
+                       end_of_turn_id: int, open_answers: Sequence[bool] = ()) -> LabeledText:
+    """Render with the chat template and mark the assistant answers, prefix by prefix (see module docstring).
+
+    `open_answers[k]` True: the k-th answer was cut off, so its end-of-turn token carries no loss.
+    """
+    text = render_chat(processor, messages, add_generation_prompt=False)
+    input_ids = tokenize_rendered(processor, text)
     labels = [IGNORE_INDEX] * len(input_ids)
     first_answer_start = -1
     previous_end = 0
+    answer_number = 0
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prefix_ids = _tokenize_text(processor, render_prompt(messages[:index], processor))
+        prefix_ids = tokenize_rendered(processor, render_prompt(messages[:index], processor))
         if input_ids[: len(prefix_ids)] != prefix_ids or len(prefix_ids) < previous_end:
             mismatch = next((i for i, (a, b) in enumerate(zip(prefix_ids, input_ids)) if a != b), len(prefix_ids))
             raise ConversationFormatError(
@@ -121,7 +130,11 @@ def label_conversation(messages: Sequence[Mapping[str, Any]], processor: Process
             raise ConversationFormatError(
                 f"assistant turn {index} is not closed by the end-of-turn token id {end_of_turn_id}"
             ) from None
+        is_open = answer_number < len(open_answers) and open_answers[answer_number]
         labels[start : end + 1] = input_ids[start : end + 1]
+        if is_open:  # the target did not stop here: no "stop" to learn
+            labels[end] = IGNORE_INDEX
+        answer_number += 1
         first_answer_start = start if first_answer_start < 0 else first_answer_start
         previous_end = end + 1
     if first_answer_start < 0:
@@ -144,24 +157,34 @@ class EncodedExample:
 
 
 class ExampleDropped(Exception):
-    """This sample cannot become a training example (e.g. its image block exceeds max_length)."""
+    """This sample cannot become a training example; `reason`: "too_long" (image block or every answer
+    past max_length) or "truncated" (an unfinished answer, with truncated_answers="drop")."""
+
+    def __init__(self, message: str, reason: str = "too_long") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def encode_example(conversations: Sequence[Mapping[str, str]], image: Any, processor: ProcessorMixin,
-                   adapter: FamilyAdapter, max_length: int) -> EncodedExample:
+                   adapter: FamilyAdapter, max_length: int, truncated: Sequence[bool] = (),
+                   truncated_answers: TruncatedAnswers = "mask_end") -> EncodedExample:
     """Tokenize one conversation (and its PIL image, or None) as the target would, with answer-only labels.
 
-    Raises `ExampleDropped` when the image block does not fit in `max_length` or no answer token does.
+    `truncated`: per answer, whether the target was cut off there (see the module docstring for
+    `truncated_answers`). Raises `ExampleDropped` when the image block does not fit in `max_length`, no
+    answer token does, or an answer is unfinished and `truncated_answers="drop"`.
     """
+    if truncated_answers == "drop" and any(truncated):
+        raise ExampleDropped("an answer was cut at max_new_tokens (truncated_answers: drop)", reason="truncated")
     end_of_turn_id = processor.tokenizer.convert_tokens_to_ids(adapter.end_of_turn_token)
     messages = build_messages(conversations, image is not None, adapter)
-    labeled = label_conversation(messages, processor, end_of_turn_id)
+    labeled = label_conversation(messages, processor, end_of_turn_id, open_answers=truncated)
     if image is None:
         input_ids = torch.tensor(labeled.input_ids, dtype=torch.long)
         labels = torch.tensor(labeled.labels, dtype=torch.long)
         image_inputs = None
     else:
-        encoded = processor(text=[labeled.text], images=[[image]], add_special_tokens=False, return_tensors="pt")
+        encoded = encode_rendered(processor, [labeled.text], [[image]])
         input_ids = encoded["input_ids"][0]
         image_inputs = {name: encoded[name] for name in adapter.image_input_names}
         # Everything from the first answer on lies after the image block, so it is the same tokens, shifted.
@@ -194,83 +217,120 @@ class EncodeReport:
     kept: int = 0
     too_long: list[str] = field(default_factory=list)
     bad_images: list[str] = field(default_factory=list)
+    truncated: list[str] = field(default_factory=list)  # dropped for an unfinished answer (truncated_answers: drop)
     num_tokens: int = 0  # all kept tokens, image placeholders included
     num_answer_tokens: int = 0  # tokens that carry loss
+    num_open_answers: int = 0  # kept unfinished answers whose end-of-turn token carries no loss
 
 
 def _check_example(record: Mapping[str, Any], processor: ProcessorMixin, adapter: FamilyAdapter,
-                   max_length: int, strict: bool) -> dict[str, Any]:
+                   max_length: int, strict: bool, truncated_answers: TruncatedAnswers) -> dict[str, Any]:
     """One validation-pass row: the drop reason (or None) and the sizes of the kept example."""
-    row: dict[str, Any] = {"drop_reason": None, "num_tokens": 0, "num_answer_tokens": 0}
+    row: dict[str, Any] = {"drop_reason": None, "num_tokens": 0, "num_answer_tokens": 0, "num_open_answers": 0}
+    truncated = record.get("truncated") or []
     try:
         image = load_image(record["image_path"], record["id"]) if record["image_path"] else None
-        example = encode_example(record["conversations"], image, processor, adapter, max_length)
+        example = encode_example(record["conversations"], image, processor, adapter, max_length, truncated,
+                                 truncated_answers)
     except ImageError:
         if strict:
             raise
         row["drop_reason"] = "image"
         return row
-    except ExampleDropped:
-        row["drop_reason"] = "too_long"
+    except ExampleDropped as dropped:
+        row["drop_reason"] = dropped.reason
         return row
     except ConversationFormatError as error:
         raise ConversationFormatError(f"sample {record['id']}: {error}") from None
     row["num_tokens"] = int(example.input_ids.shape[0])
     row["num_answer_tokens"] = int((example.labels != IGNORE_INDEX).sum())
+    row["num_open_answers"] = sum(bool(flag) for flag in truncated)
     return row
 
 
-class DrafterDataset(torch.utils.data.Dataset):
-    """LLaVA records -> `EncodedExample`s, built once up front to drop what does not fit, then lazily per item.
+def check_records(records: Dataset, processor: ProcessorMixin, adapter: FamilyAdapter, max_length: int,
+                  strict_images: bool = False, num_proc: int | None = None,
+                  truncated_answers: TruncatedAnswers = "mask_end", fingerprint: str | None = None) -> Dataset:
+    """The up-front pass: every record encoded once (images decoded), with its drop reason and sizes.
 
-    The up-front pass (parallel over `num_proc` processes for large files) decides which records are usable
-    and how long they are, so the number of steps is known before training and no batch is ever short of a
-    sample. Items are re-encoded on access (deterministic, so identical), which keeps pixel tensors out of
-    memory; the image decode + preprocessing it repeats is cheap next to a training step.
+    Returns `records` plus the columns drop_reason (None, "too_long", "image", "truncated"), num_tokens,
+    num_answer_tokens and num_open_answers. `fingerprint` names the result for `datasets` (a content hash,
+    see `massv.train.preprocess`); without one a random name is used, since hashing the processor is slow.
+    """
+    return records.map(
+        _check_example,
+        fn_kwargs={"processor": processor, "adapter": adapter, "max_length": max_length, "strict": strict_images,
+                   "truncated_answers": truncated_answers},
+        num_proc=num_proc if num_proc and num_proc > 1 and len(records) >= 256 else None,
+        desc="tokenizing",
+        new_fingerprint=fingerprint or f"massv-check-{uuid.uuid4().hex}",
+    )
+
+
+class DrafterDataset(torch.utils.data.Dataset):
+    """LLaVA records -> `EncodedExample`s, checked once up front to drop what does not fit, then lazily per item.
+
+    The up-front pass (`check_records`, parallel over `num_proc` processes for large files) decides which
+    records are usable and how long they are, so the number of steps is known before training and no batch
+    is ever short of a sample; pass its result as `checked` to skip it (`massv.train.preprocess` caches it).
+    Items are re-encoded on access (deterministic, so identical), which keeps pixel tensors out of memory;
+    the image decode + preprocessing it repeats is cheap next to a training step.
     """
 
-    def __init__(self, records: Dataset, processor: ProcessorMixin, adapter: FamilyAdapter, max_length: int,
-                 strict_images: bool = False, num_proc: int | None = None) -> None:
+    def __init__(self, records: Dataset | None, processor: ProcessorMixin, adapter: FamilyAdapter, max_length: int,
+                 strict_images: bool = False, num_proc: int | None = None,
+                 truncated_answers: TruncatedAnswers = "mask_end", checked: Dataset | None = None) -> None:
         self.processor = processor
         self.adapter = adapter
         self.max_length = max_length
-        checked = records.map(
-            _check_example,
-            fn_kwargs={"processor": processor, "adapter": adapter, "max_length": max_length, "strict": strict_images},
-            num_proc=num_proc if num_proc and num_proc > 1 and len(records) >= 256 else None,
-            desc="tokenizing",
-            new_fingerprint=f"massv-check-{uuid.uuid4().hex}",  # hashing the processor is slow and not needed
-        )
+        self.truncated_answers = truncated_answers
+        if checked is None:
+            if records is None:
+                raise ValueError("DrafterDataset needs records or their checked version")
+            checked = check_records(records, processor, adapter, max_length, strict_images, num_proc,
+                                    truncated_answers)
         reasons = checked["drop_reason"]
         ids = checked["id"]
-        self.report = EncodeReport(total=len(records))
-        self.report.too_long = [sample_id for sample_id, reason in zip(ids, reasons) if reason == "too_long"]
-        self.report.bad_images = [sample_id for sample_id, reason in zip(ids, reasons) if reason == "image"]
+        self.report = EncodeReport(total=len(checked))
+        for sample_id, reason in zip(ids, reasons):
+            if reason is not None:
+                {"too_long": self.report.too_long, "image": self.report.bad_images,
+                 "truncated": self.report.truncated}[reason].append(sample_id)
         keep = [index for index, reason in enumerate(reasons) if reason is None]
         self.records = checked.select(keep)
         self.report.kept = len(keep)
         self.report.num_tokens = int(sum(self.records["num_tokens"])) if keep else 0
         self.report.num_answer_tokens = int(sum(self.records["num_answer_tokens"])) if keep else 0
+        if keep and "num_open_answers" in self.records.column_names:
+            self.report.num_open_answers = int(sum(self.records["num_open_answers"]))
         self.lengths = list(self.records["num_tokens"]) if keep else []
         self.image_features: dict[str, torch.Tensor] | None = None  # see cache_image_features
         for what, dropped in (("an image block longer than max_length", self.report.too_long),
-                              ("an unreadable image", self.report.bad_images)):
+                              ("an unreadable image", self.report.bad_images),
+                              ("an answer cut at max_new_tokens (truncated_answers: drop)", self.report.truncated)):
             if dropped:
                 more = f" and {len(dropped) - MAX_LOGGED_IDS} more" if len(dropped) > MAX_LOGGED_IDS else ""
-                logger.warning("dropped %d of %d samples with %s: %s%s", len(dropped), len(records), what,
+                logger.warning("dropped %d of %d samples with %s: %s%s", len(dropped), len(checked), what,
                                ", ".join(dropped[:MAX_LOGGED_IDS]), more)
+        if self.report.num_open_answers:
+            logger.info("%d answers were cut at max_new_tokens: their end-of-turn token carries no loss",
+                        self.report.num_open_answers)
         logger.info("%d training examples, %d tokens, %d of them answer tokens (loss)",
                     self.report.kept, self.report.num_tokens, self.report.num_answer_tokens)
         if not keep:
-            raise ValueError(f"no usable training example among {len(records)} records (see warnings above)")
+            raise ValueError(f"no usable training example among {len(checked)} records (see warnings above)")
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def _encode(self, record: Mapping[str, Any], image: Any) -> EncodedExample:
+        return encode_example(record["conversations"], image, self.processor, self.adapter, self.max_length,
+                              record.get("truncated") or [], self.truncated_answers)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         image = load_image(record["image_path"], record["id"]) if record["image_path"] else None
-        example = encode_example(record["conversations"], image, self.processor, self.adapter, self.max_length)
+        example = self._encode(record, image)
         item = {"input_ids": example.input_ids, "labels": example.labels, "image_inputs": example.image_inputs}
         if self.image_features is not None and record["image_path"]:
             item["image_inputs"], item["image_features"] = None, self.image_features[record["image_path"]]
@@ -288,8 +348,7 @@ class DrafterDataset(torch.utils.data.Dataset):
             path = record["image_path"]
             if not path or path in features:
                 continue
-            example = encode_example(record["conversations"], load_image(path, record["id"]), self.processor,
-                                     self.adapter, self.max_length)
+            example = self._encode(record, load_image(path, record["id"]))
             features[path] = encode(example.image_inputs).detach().cpu()
         self.image_features = features
         logger.info("cached frozen vision features of %d images", len(features))

@@ -4,13 +4,19 @@ MASSV's phase 2 fine-tunes the drafter on the *target's* answers, not the datase
 how often the target accepts its guesses, so it should imitate the target's distribution, not GPT-4's.
 
     python -m massv.train.distill --config configs/qwen2_5_vl_7b.yaml      (= massv distill --config ...)
-    accelerate launch -m massv.train.distill --config ...                  (shards split over processes)
+    accelerate launch -m massv.train.distill --config ...                  (shards claimed by the processes)
 
 Output, in `config.data.distilled_dir`:
     manifest.json         generation settings; a restart with different settings is refused
     shard-00000.jsonl     LLaVA conversation records, the target's answers in place of the gpt turns,
     shard-00001.jsonl     `distill.shard_size` records each, in source order
     shard-00002.jsonl.partial   the shard being written: one line per finished record
+    claims/<launch>/      which process of the current launch took which shard (removed when all are done)
+
+Decoding: `massv.generation_settings` resolves `distill.temperature / top_k / top_p / repetition_penalty /
+max_new_tokens` exactly as `target.generate()`, `massv eval` and the engine do (unset values from the
+target's generation config, then Hugging Face's defaults), and the manifest records the result under
+`generation`, so the drafter learns from the decoding it is measured against.
 
 Interrupted and restarted, a run continues where it stopped with no duplicate and no missing record: a
 finished shard is written atomically (temp file + rename) and never regenerated; the shard in progress is
@@ -18,9 +24,16 @@ appended to (flushed and fsynced) batch by batch, and on restart its records are
 `source_index` and skipped, a torn last line is discarded. `distill.batch_size` may change between restarts
 (e.g. after running out of memory); everything that changes the answers may not.
 
+Work is claimed, not split in advance: each process takes the next shard nobody of its launch has taken
+(an exclusively created file under `claims/<launch>/`) and finishes by itself when none is left. No
+process waits for the others at the end, so one that finishes hours early cannot hit the collective
+timeout, and a slow process does not hold back shards another could answer.
+
 With `all_turns: false` (default) only the first question is answered and the record keeps that one exchange:
 the dataset's later turns were written in reply to the dataset's first answer, not the target's. With
-`all_turns: true` the target answers every human turn, its own previous answers in the history.
+`all_turns: true` the target answers every human turn, its own previous answers in the history. Each
+record says, per answer, whether it was cut at `max_new_tokens` (`truncated`); phase 2 then does not teach
+the drafter to stop there (`data.truncated_answers`).
 
 Batched generation uses left padding. For the tiny test models batched greedy output equals unbatched
 output token for token (tested); for bf16 models on GPU, padding can change rounding and so, rarely, a
@@ -35,7 +48,10 @@ import json
 import logging
 import math
 import os
+import shutil
+import socket
 import tempfile
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,8 +62,10 @@ from datasets import Dataset, concatenate_datasets
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, ProcessorMixin
 
+from massv.chat import encode_rendered
 from massv.config import RunConfig, load_config
 from massv.families import FamilyAdapter, get_adapter
+from massv.generation_settings import GenerationSettings, resolve_generation_settings
 from massv.train.data import build_messages, render_prompt
 from massv.train.llava_data import (
     GPT,
@@ -62,12 +80,13 @@ from massv.train.llava_data import (
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: resolved `generation` settings instead of the configured temperature / top_p
 SHARD_PATTERN = "shard-{:05d}.jsonl"
 PARTIAL_SUFFIX = ".partial"
+CLAIMS_DIR = "claims"
 # Manifest keys that must match for a restart to continue an existing output directory.
-SETTINGS_KEYS = ("target", "family", "source", "image_root", "num_records", "records_sha256", "max_new_tokens",
-                 "temperature", "top_p", "all_turns", "shard_size", "seed")
+SETTINGS_KEYS = ("target", "family", "source", "image_root", "num_records", "records_sha256", "generation",
+                 "all_turns", "shard_size", "seed")
 
 
 class DistillSettingsError(ValueError):
@@ -85,10 +104,12 @@ class DistillResult:
     output_dir: Path
     num_records: int  # records to answer in total (after skipping bad ones)
     generated: int  # answered by this call
-    already_done: int  # found finished on disk when this call started
-    complete: bool  # every shard of this process is finished
+    already_done: int  # found answered on disk (finished shards, records of partial ones this process took)
+    complete: bool  # this process found no shard left to take and finished the ones it took
     load_report: LoadReport | None = None
     shards_written: list[str] = field(default_factory=list)
+    all_shards_finished: bool = False  # every shard of the run is on disk (seen by the last process to end)
+    generation: GenerationSettings | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,27 +117,26 @@ class DistillResult:
 # --------------------------------------------------------------------------------------------------
 
 
+def generation_settings_for(config: RunConfig, target: PreTrainedModel) -> GenerationSettings:
+    """The configured decoding with every unset value resolved as `target.generate()` (and the engine) would."""
+    settings = config.distill
+    return resolve_generation_settings(
+        target.generation_config, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+        repetition_penalty=settings.repetition_penalty, max_new_tokens=settings.max_new_tokens,
+    )
+
+
 def generation_config_for(config: RunConfig, target: PreTrainedModel, processor: ProcessorMixin,
                           adapter: FamilyAdapter) -> GenerationConfig:
-    """Exactly the configured decoding: no repetition penalty or top-k inherited from the checkpoint's defaults.
-
-    The speculative engine verifies against the target's raw distribution, so that is what the drafter learns.
-    """
-    settings = config.distill
+    """`GenerationConfig` for the resolved settings (`generation_settings_for`), stopping at end of turn."""
     tokenizer = processor.tokenizer
     eos_ids = {tokenizer.convert_tokens_to_ids(adapter.end_of_turn_token)}
     model_eos = target.generation_config.eos_token_id
     eos_ids.update(model_eos if isinstance(model_eos, list) else [model_eos] if model_eos is not None else [])
     if tokenizer.eos_token_id is not None:
         eos_ids.add(tokenizer.eos_token_id)
-    sample = settings.temperature > 0
     return GenerationConfig(
-        max_new_tokens=settings.max_new_tokens,
-        do_sample=sample,
-        temperature=settings.temperature if sample else 1.0,
-        top_p=settings.top_p if sample else 1.0,
-        top_k=0 if sample else None,  # 0 disables a checkpoint's default top-k (Qwen2.5-VL ships top_k=1)
-        repetition_penalty=1.0,
+        **generation_settings_for(config, target).generate_kwargs(),
         eos_token_id=sorted(eos_ids),
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids),
     )
@@ -137,8 +157,8 @@ def generate_answers(target: PreTrainedModel, processor: ProcessorMixin, prompts
         if not indices:
             continue
         group_images = [[images[i]] for i in indices] if images[indices[0]] is not None else None
-        encoded = processor(text=[prompts[i] for i in indices], images=group_images, padding=True,
-                            padding_side="left", add_special_tokens=False, return_tensors="pt").to(target.device)
+        encoded = encode_rendered(processor, [prompts[i] for i in indices], group_images, padding=True,
+                                  padding_side="left").to(target.device)
         output = target.generate(**encoded, generation_config=generation_config)
         new_tokens = output[:, encoded["input_ids"].shape[1]:].tolist()
         for index, tokens in zip(indices, new_tokens):
@@ -217,8 +237,16 @@ def check_or_write_manifest(output_dir: Path, manifest: dict[str, Any]) -> None:
         _write_json_atomic(path, manifest)
         return
     existing = json.loads(path.read_text(encoding="utf-8"))
-    differences = [f"{key}: existing {existing.get(key)!r}, now {manifest.get(key)!r}"
-                   for key in SETTINGS_KEYS if existing.get(key) != manifest.get(key)]
+    differences = []
+    for key in SETTINGS_KEYS:
+        old, new = existing.get(key), manifest.get(key)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):  # name the setting inside, e.g. generation.temperature
+            differences += [f"{key}.{name}: existing {old.get(name)!r}, now {new.get(name)!r}"
+                            for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
+        else:
+            differences.append(f"{key}: existing {old!r}, now {new!r}")
     if differences:
         raise DistillSettingsError(
             f"{output_dir} holds self-distillation output generated with other settings ({'; '.join(differences)}). "
@@ -260,21 +288,44 @@ def _relative_image(image_path: str | None, image_root: str | None) -> str | Non
     return image_path
 
 
+def _claim_shard(output_dir: Path, launch_id: str, shard: int, process_index: int) -> bool:
+    """Take `shard` for this process if no process of this launch has: an exclusively created claim file.
+
+    Claims of earlier launches live in other folders and are ignored: their unfinished shards are taken again
+    (and continued from their partial file) by whoever comes first now.
+    """
+    folder = output_dir / CLAIMS_DIR / launch_id
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(folder / SHARD_PATTERN.format(shard), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps({"process_index": process_index, "host": socket.gethostname(), "pid": os.getpid()}))
+    return True
+
+
+def _shard_range(shard: int, shard_size: int, num_records: int) -> range:
+    return range(shard * shard_size, min((shard + 1) * shard_size, num_records))
+
+
 def generate_responses(config: RunConfig, *, target: PreTrainedModel | None = None,
                        processor: ProcessorMixin | None = None, records: Dataset | None = None,
                        output_dir: str | os.PathLike[str] | None = None, max_items: int | None = None,
                        device: str | torch.device | None = None, process_index: int = 0,
-                       num_processes: int = 1) -> DistillResult:
+                       num_processes: int = 1, launch_id: str | None = None) -> DistillResult:
     """Answer every record of `config.data.instruct_json` with the target into sharded JSONL (resumable).
 
     `target`/`processor`/`records` may be given already built (tests, demo); otherwise they come from the config.
     `max_items` stops after that many newly answered records (a smoke test, or a simulated interruption).
-    `device` is where a target built here goes (default: CUDA when available). Process `process_index` of `num_processes` handles shards `process_index::num_processes`.
+    `device` is where a target built here goes (default: CUDA when available). The processes of one launch
+    share `launch_id` (one call alone needs none) and claim shards from each other as they go.
     """
     from massv.train.builders import build_target_and_processor
 
     settings = config.distill
     output_dir = Path(output_dir if output_dir is not None else config.data.distilled_dir)
+    launch_id = launch_id or uuid.uuid4().hex
     load_report = None
     image_root = None
     if records is None:
@@ -288,6 +339,7 @@ def generate_responses(config: RunConfig, *, target: PreTrainedModel | None = No
     if target is None or processor is None:
         target, processor = build_target_and_processor(config.model, device=device)
     adapter = get_adapter(target.config)
+    generation = generation_settings_for(config, target)
     generation_config = generation_config_for(config, target, processor, adapter)
 
     num_records = len(records)
@@ -299,9 +351,7 @@ def generate_responses(config: RunConfig, *, target: PreTrainedModel | None = No
         "image_root": image_root,
         "num_records": num_records,
         "records_sha256": _records_fingerprint(records),
-        "max_new_tokens": settings.max_new_tokens,
-        "temperature": settings.temperature,
-        "top_p": settings.top_p,
+        "generation": generation.to_dict(),
         "all_turns": settings.all_turns,
         "shard_size": settings.shard_size,
         "seed": settings.seed,
@@ -313,35 +363,32 @@ def generate_responses(config: RunConfig, *, target: PreTrainedModel | None = No
     }
     # Every process checks (the first one to get there writes; identical content, atomic rename).
     check_or_write_manifest(output_dir, manifest)
+    logger.info("decoding: %s", generation)
 
-    my_shards = [shard for shard in range(manifest["num_shards"]) if shard % num_processes == process_index]
-    shard_ranges = {shard: range(shard * settings.shard_size, min((shard + 1) * settings.shard_size, num_records))
-                    for shard in my_shards}
-    pending: dict[int, list[int]] = {}
-    already_done = 0
-    for shard, indices in shard_ranges.items():
-        final_path = output_dir / SHARD_PATTERN.format(shard)
-        if final_path.exists():
-            already_done += len(indices)
-            continue
-        partial_path = final_path.with_name(final_path.name + PARTIAL_SUFFIX)
-        done = _read_partial(partial_path, indices)
-        if partial_path.exists():  # rewrite without a torn line, so appends start on a clean line
-            write_llava_jsonl([done[index] for index in sorted(done)], partial_path)
-        already_done += len(done)
-        pending[shard] = [index for index in indices if index not in done]
-
-    total = sum(len(indices) for indices in shard_ranges.values())
-    progress = tqdm(total=total, initial=already_done, unit="record", desc="target answers",
-                    disable=process_index != 0, dynamic_ncols=True)
-    result = DistillResult(output_dir=output_dir, num_records=num_records, generated=0, already_done=already_done,
-                           complete=False, load_report=load_report)
+    num_shards = manifest["num_shards"]
+    result = DistillResult(output_dir=output_dir, num_records=num_records, generated=0, already_done=0,
+                           complete=False, load_report=load_report, generation=generation)
+    progress = tqdm(total=num_records, unit="record", desc="target answers", disable=process_index != 0,
+                    dynamic_ncols=True)
     target.eval()
     try:
-        for shard, indices in pending.items():
+        for shard in range(num_shards):
             final_path = output_dir / SHARD_PATTERN.format(shard)
+            indices = _shard_range(shard, settings.shard_size, num_records)
+            if final_path.exists():
+                result.already_done += len(indices)
+                progress.update(len(indices))
+                continue
+            if not _claim_shard(output_dir, launch_id, shard, process_index) or final_path.exists():
+                continue  # another process of this launch has it (or just finished it)
             partial_path = final_path.with_name(final_path.name + PARTIAL_SUFFIX)
-            todo = indices if max_items is None else indices[: max_items - result.generated]
+            done = _read_partial(partial_path, indices)
+            if partial_path.exists():  # rewrite without a torn line, so appends start on a clean line
+                write_llava_jsonl([done[index] for index in sorted(done)], partial_path)
+            result.already_done += len(done)
+            progress.update(len(done))
+            pending = [index for index in indices if index not in done]
+            todo = pending if max_items is None else pending[: max_items - result.generated]
             for start in range(0, len(todo), settings.batch_size):
                 batch = [{**records[index], "source_index": index,
                           "image": _relative_image(records[index]["image_path"], image_root)}
@@ -351,15 +398,20 @@ def generate_responses(config: RunConfig, *, target: PreTrainedModel | None = No
                 _append_records(partial_path, answered)
                 result.generated += len(answered)
                 progress.update(len(answered))
-            if len(todo) < len(indices):  # stopped by max_items: the shard stays partial
+            if len(todo) < len(pending):  # stopped by max_items: the shard stays partial
                 return result
-            _finish_shard(partial_path, final_path, shard_ranges[shard])
+            _finish_shard(partial_path, final_path, indices)
             result.shards_written.append(final_path.name)
     finally:
         progress.close()
     result.complete = True
-    logger.info("self-distillation: %d records answered now, %d were already done; output in %s",
-                result.generated, already_done, output_dir)
+    result.all_shards_finished = all((output_dir / SHARD_PATTERN.format(shard)).exists() for shard in range(num_shards))
+    if result.all_shards_finished:
+        shutil.rmtree(output_dir / CLAIMS_DIR, ignore_errors=True)
+    logger.info("self-distillation: %d records answered by this process, %d found answered; %s; output in %s",
+                result.generated, result.already_done,
+                "every shard is finished" if result.all_shards_finished else "other processes are still answering",
+                output_dir)
     return result
 
 
@@ -433,21 +485,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_distillation(config: RunConfig, max_items: int | None = None) -> DistillResult:
+    """`massv distill` in this process of the launch (every process of a launch calls it).
+
+    The processes agree on a launch id once, at the start; after that they never wait for each other.
+    """
+    from datetime import timedelta
+
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list, parse_flag_from_env
+
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"),  # `accelerate launch --cpu` / torchrun
+                         timeout=timedelta(minutes=config.distill.process_group_timeout_minutes))
+    launch = [uuid.uuid4().hex]
+    if state.num_processes > 1:
+        broadcast_object_list(launch)  # the main process's id, so claims of this launch share one folder
+    return generate_responses(config, max_items=max_items, device=state.device, process_index=state.process_index,
+                              num_processes=state.num_processes, launch_id=launch[0])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`massv distill`: generate (or finish generating) the target's answers for phase 2."""
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = load_config(args.config, args.override)
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # `accelerate launch --cpu` / torchrun
-    result = generate_responses(config, max_items=args.max_items, device=state.device,
-                                process_index=state.process_index, num_processes=state.num_processes)
-    state.wait_for_everyone()
+    result = run_distillation(load_config(args.config, args.override), max_items=args.max_items)
     if not result.complete:
         logger.info("stopped after %d records (--max-items); rerun the same command to continue", result.generated)
+    from accelerate import PartialState
+
+    PartialState().destroy_process_group()  # local: no process waits for another here
     return 0
 
 

@@ -7,7 +7,8 @@ A LLaVA file is a JSON list (or JSONL) of records::
                        {"from": "gpt", "value": "A bus."}, ...]}
 
 `image` is relative to an image root folder (absolute paths are kept as they are) and is absent for
-text-only samples. Public dumps contain records that would crash or silently corrupt training hours
+text-only samples. Our self-distilled files add ``"truncated": [true, ...]``, one flag per gpt turn: the
+target's answer was cut at `max_new_tokens` rather than finished (training must not learn to stop there). Public dumps contain records that would crash or silently corrupt training hours
 in: missing or truncated image files, conversations that do not alternate, no answer at all. This
 module checks every record once, up front, skips the bad ones (or raises, with ``strict=True``) and
 reports exactly which ids were dropped and why.
@@ -45,6 +46,7 @@ LLAVA_FEATURES = Features(
         "id": Value("string"),
         "image_path": Value("string"),  # absolute; None for text-only samples
         "conversations": List({"from": Value("string"), "value": Value("string")}),
+        "truncated": List(Value("bool")),  # per gpt turn; empty when the file does not say (any LLaVA dump)
     }
 )
 
@@ -162,7 +164,8 @@ def read_llava_file(json_path: str | os.PathLike[str]) -> list[Any]:
 
 
 def normalize_record(record: Any, fallback_id: str, image_root: str) -> dict[str, Any]:
-    """Check one raw record and return it as {id, image_path, conversations}; raise `RecordError` if unusable.
+    """Check one raw record and return it as {id, image_path, conversations, truncated}; raise `RecordError`
+    if unusable.
 
     Exists so that every consumer (training, self-distillation) sees the same cleaned structure.
     """
@@ -208,7 +211,14 @@ def normalize_record(record: Any, fallback_id: str, image_root: str) -> dict[str
             f"'{IMAGE_TOKEN}' appears {sum(placeholder_counts)} times (turn counts {placeholder_counts}); "
             "it must appear exactly once, in the first human turn"
         )
-    return {"id": sample_id, "image_path": image_path, "conversations": conversations}
+    truncated = record.get("truncated")
+    num_answers = sum(turn["from"] == GPT for turn in conversations)
+    if truncated is None:
+        truncated = []
+    elif not (isinstance(truncated, list) and all(isinstance(flag, bool) for flag in truncated)
+              and len(truncated) == num_answers):
+        raise invalid(f"'truncated' must be a list of {num_answers} booleans (one per gpt turn), got {truncated!r}")
+    return {"id": sample_id, "image_path": image_path, "conversations": conversations, "truncated": list(truncated)}
 
 
 def _log_ids(what: str, ids: Sequence[str], total: int, hint: str = "") -> None:
@@ -230,7 +240,7 @@ def load_llava_records(
     """Load a LLaVA JSON/JSONL file as a clean `datasets.Dataset` plus a report of what was dropped.
 
     Columns: ``id`` (str), ``image_path`` (absolute str, None for text-only), ``conversations``
-    (list of {from, value}). `image_root` defaults to the JSON file's folder. With
+    (list of {from, value}), ``truncated`` (list of bool per gpt turn, empty if unknown). `image_root` defaults to the JSON file's folder. With
     ``require_image=True`` (phase 1 captions) text-only samples are skipped. Every image file is
     checked to exist (a cheap stat, which catches a wrong image root before training starts); with
     ``verify_images=True`` it is also fully decoded, on `num_workers` threads because decoding all of
@@ -311,6 +321,7 @@ def load_llava_records(
             "id": [record["id"] for record in kept],
             "image_path": [record["image_path"] for record in kept],
             "conversations": [record["conversations"] for record in kept],
+            "truncated": [record["truncated"] for record in kept],
         },
         features=LLAVA_FEATURES,
     )

@@ -41,11 +41,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from massv.config import TrainingConfig
+from massv.train.batching import build_dataloader, resolve_accumulation
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +84,44 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------------
 
 
-def make_accelerator(cfg: TrainingConfig) -> Accelerator:
-    """Accelerator for one phase; TensorBoard logging only when asked for and installed."""
-    from accelerate.utils import is_tensorboard_available
+class UnsupportedDistributedModeError(RuntimeError):
+    """The launch asks for a distributed mode whose checkpoints this loop cannot write (DeepSpeed, FSDP)."""
 
+
+# Environment flags `accelerate launch` sets for the sharded modes.
+_SHARDED_MODE_FLAGS = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_FSDP": "FSDP"}
+
+
+def refuse_sharded_training(distributed_type: Any = None) -> None:
+    """Raise for DeepSpeed or FSDP (from the launcher's environment, or an Accelerator's distributed type).
+
+    Their optimizer state is sharded over the processes, so the checkpoint written here (weights and AdamW
+    state saved by the main process alone) would hang at the gather or store one shard as the whole.
+    Nothing needs them: the trained drafter (<= 1B parameters, frozen vision tower) fits on one GPU with
+    gradient checkpointing, and plain DDP (`accelerate launch --multi_gpu`) scales it over GPUs.
+    """
+    from accelerate.utils import DistributedType, parse_flag_from_env
+
+    requested = [name for flag, name in _SHARDED_MODE_FLAGS.items() if parse_flag_from_env(flag)]
+    if distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        requested.append(str(distributed_type).split(".")[-1])
+    if requested:
+        raise UnsupportedDistributedModeError(
+            f"{requested[0]} is not supported by massv training: its sharded optimizer state cannot be saved by the "
+            "checkpoints here (--resume would restore a wrong or partial state). Launch with plain DDP instead: "
+            "`accelerate launch --multi_gpu --num_processes N -m massv.train ...` (or an accelerate config with "
+            "distributed_type: MULTI_GPU); the drafter fits on one GPU, see docs/scaling.md."
+        )
+
+
+def make_accelerator(cfg: TrainingConfig) -> Accelerator:
+    """Accelerator for one phase: DDP (never DeepSpeed/FSDP), the configured process-group timeout, the
+    accumulation `global_batch_size` implies, TensorBoard logging only when asked for and installed."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs, is_tensorboard_available
+
+    refuse_sharded_training()
     log_with = None
     if cfg.tensorboard:
         if is_tensorboard_available():
@@ -94,14 +129,19 @@ def make_accelerator(cfg: TrainingConfig) -> Accelerator:
         else:
             logger.warning("tensorboard: true, but TensorBoard is not installed (pip install tensorboard); "
                            "logging to the console only")
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=log_with,
         project_dir=cfg.output_dir,
         # Seeded sampler: epoch e always visits the data in the same order, which is what makes resuming exact.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # A barrier (the main process preprocessing the data, or saving) may wait this long.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.process_group_timeout_minutes))],
     )
+    refuse_sharded_training(accelerator.distributed_type)
+    accelerator.gradient_accumulation_steps = resolve_accumulation(cfg, accelerator.num_processes).gradient_accumulation_steps
+    return accelerator
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -136,10 +176,8 @@ def train_loop(accelerator: Accelerator, model: torch.nn.Module, dataset: Datase
     optimizer steps in total (checkpoints due by then are written): an interruption, for tests.
     """
     output_dir = Path(cfg.output_dir)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    dataloader = DataLoader(dataset, batch_size=cfg.per_device_batch_size, collate_fn=collate_fn,
-                            sampler=RandomSampler(dataset, generator=generator), generator=generator,
-                            num_workers=num_workers, pin_memory=torch.cuda.is_available())
+    cfg = resolve_accumulation(cfg, accelerator.num_processes)
+    dataloader = build_dataloader(dataset, collate_fn, cfg, num_workers)
     optimizer = build_optimizer(model, cfg)
     model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
     num_processes = accelerator.num_processes
@@ -153,7 +191,7 @@ def train_loop(accelerator: Accelerator, model: torch.nn.Module, dataset: Datase
 
     fingerprint = {"dataset_size": len(dataset), "per_device_batch_size": cfg.per_device_batch_size,
                    "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "num_processes": num_processes,
-                   "seed": cfg.seed, "max_steps": max_steps}
+                   "seed": cfg.seed, "max_steps": max_steps, "max_tokens_per_batch": cfg.max_tokens_per_batch}
     state = TrainState(fingerprint=fingerprint)
     latest = latest_checkpoint(output_dir)
     if resume and latest is not None:

@@ -24,11 +24,11 @@ from massv.train.builders import (
     build_train_dataset,
     final_dir,
     keep_trainable_in_fp32,
-    load_phase_records,
     move_vision_to,
     storage_dtype,
 )
 from massv.train.loop import TrainResult, train_loop
+from massv.train.preprocess import prepared_records
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,9 @@ def train_drafter(config: RunConfig, phase: int, accelerator: Accelerator, draft
     move_vision_to(drafter, accelerator.device)
     if cfg.gradient_checkpointing:
         drafter.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    records = dataset if dataset is not None else load_phase_records(config, phase)[0]
-    train_data, collator = build_train_dataset(config, records, processor, drafter)
+    # Checked once, by the main process, and cached by content: resumes and the other processes reuse it.
+    checked = prepared_records(config, phase, cfg.output_dir, processor, drafter.adapter, accelerator, dataset)
+    train_data, collator = build_train_dataset(config, None, processor, drafter, checked=checked)
     if cache_image_features:  # small data sets only (tests, demo): features are kept in memory
         train_data.cache_image_features(lambda inputs: drafter.encode_images(
             {name: value.to(accelerator.device) for name, value in inputs.items()}))
@@ -68,7 +69,7 @@ def train_drafter(config: RunConfig, phase: int, accelerator: Accelerator, draft
 def save_final_drafter(config: RunConfig, phase: int, accelerator: Accelerator, drafter: MultimodalDrafter,
                        stored_modules: Sequence[nn.Module]) -> Path:
     """Cast `stored_modules` (the ones the phase trained) to the checkpoint dtype, save the drafter to
-    `<output_dir>/final` and end training on every process."""
+    `<output_dir>/final` and finish the trackers on every process."""
     cfg = phase_config(config, phase)
     if cfg.gradient_checkpointing:
         drafter.language_model.gradient_checkpointing_disable()
@@ -82,7 +83,10 @@ def save_final_drafter(config: RunConfig, phase: int, accelerator: Accelerator, 
         drafter.save_pretrained(path)
         logger.info("phase %d done: drafter saved to %s", phase, path)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    # Trackers end with the phase; the process group does not (`accelerator.end_training()` would destroy it):
+    # a script may run the next phase in the same processes. `massv train` destroys it on exit.
+    for tracker in accelerator.trackers:
+        tracker.finish()
     return path
 
 
