@@ -169,8 +169,9 @@ def input_norms(drafter: MultimodalDrafter, batches: list[PreparedBatch], linear
 
     def make_hook(name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
-            inputs = args[0]  # (batch, seq, in)
-            real = inputs[current_mask[0]] if inputs.dim() == 3 else inputs.reshape(-1, inputs.shape[-1])
+            # (batch, seq, in) -> (real tokens, in). A linear fed flattened tokens fails here rather than
+            # counting padding: the token mask is (batch, seq).
+            real = args[0][current_mask[0]]
             sums[name] += real.double().pow(2).sum(dim=0)
         return hook
 
