@@ -215,6 +215,10 @@ def test_sparsity_after_pruning_is_exact_per_layer(setup, sparsity, pattern):
             assert (zeros.sum(dim=1) == round(sparsity * module.in_features)).all(), name
     assert torch.equal(candidate.language_model.get_input_embeddings().weight, embedding_before)
     assert set(decision.per_layer) == set(masks.masks)
+    assert decision.sparsity == sparsity and decision.per_layer == pytest.approx(weight_sparsity(candidate.language_model))
+    if pattern == "2:4":  # the pattern fixes the sparsity: none need be given
+        _, unset = prune_sparse(clone_drafter(drafter), batches, None, "2:4", "wanda")
+        assert unset.sparsity == 0.5 and set(unset.per_layer.values()) == {0.5}
 
 
 def test_masks_stay_fixed_through_recovery_and_survive_save_load(setup, tmp_path):
@@ -251,6 +255,15 @@ def test_keep_mask_defaults_ties_and_bad_arguments():
         keep_mask(ties, 0.5, "1:4")
     with pytest.raises(ValueError, match="granularity must be 'row' or 'layer', got 'column'"):
         keep_mask(ties, 0.5, granularity="column")
+    # 2:4: the first two of each group of four.
+    assert torch.equal(keep_mask(ties, 0.5, "2:4"), (torch.arange(64) % 4 >= 2).expand(2, 64))
+
+
+def test_keep_mask_lives_on_the_scores_device():
+    # The meta device stands in for an accelerator: a mask built on the CPU for GPU scores would not be.
+    scores = torch.empty(4, 8, device="meta")
+    for pattern, granularity in (("unstructured", "row"), ("unstructured", "layer"), ("2:4", "row")):
+        assert keep_mask(scores, 0.5, pattern, granularity).device == scores.device, (pattern, granularity)
 
 
 def test_wanda_scores_keep_a_small_weight_on_a_loud_channel():
@@ -289,6 +302,24 @@ def _padded(batches: list[PreparedBatch], side: str, pad_id: int = 0, extra: int
         ids[row, where], mask[row, where] = batch.input_ids[0], 1
     features = [batch.image_features for batch in batches if batch.image_features is not None]
     return PreparedBatch(ids, mask, torch.cat(features) if features else None)
+
+
+def test_wanda_input_norms_are_float64_sums_over_every_token(setup):
+    """Exactly (bit for bit) the float64 sum of squares of what each projection was fed, over all batches."""
+    _, drafter, _, batches = setup
+    linears = prunable_linears(drafter.language_model)
+    recorded: dict[str, list[torch.Tensor]] = defaultdict(list)
+    handles = [module.register_forward_pre_hook(lambda _m, args, key=name: recorded[key].append(args[0][0].double()))
+               for name, module in linears.items()]
+    with torch.no_grad():
+        for batch in batches:
+            drafter(**{**batch.drafter_kwargs(), "labels": None})
+    for handle in handles:
+        handle.remove()
+    norms = input_norms(drafter, batches, linears)
+    for name in linears:
+        expected = torch.cat(recorded[name]).pow(2).sum(dim=0).sqrt().float()
+        assert norms[name].dtype == torch.float32 and torch.equal(norms[name], expected), name
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -399,12 +430,12 @@ def test_prune_sparse_defaults_raw_batches_decision_and_log(setup, caplog):
 
 def test_prune_sparse_rejects_what_it_cannot_do(setup):
     _, drafter, _, batches = setup
-    with pytest.raises(ValueError, match=r"unstructured sparsity needs a target sparsity in \(0, 1\)"):
-        prune_sparse(clone_drafter(drafter), batches, None)
-    with pytest.raises(ValueError, match=r"Wanda scores need calibration batches \(or use score='magnitude'\)"):
-        prune_sparse(clone_drafter(drafter), None, 0.5)
-    with pytest.raises(ValueError, match="score must be 'wanda' or 'magnitude', got 'random'"):
-        prune_sparse(clone_drafter(drafter), batches, 0.5, score="random")
+    for arguments, message in (((batches, None), "unstructured sparsity needs a target sparsity in (0, 1)"),
+                               ((None, 0.5), "Wanda scores need calibration batches (or use score='magnitude')"),
+                               ((batches, 0.5, "unstructured", "random"), "score must be 'wanda' or 'magnitude', got 'random'")):
+        with pytest.raises(ValueError) as error:
+            prune_sparse(clone_drafter(drafter), *arguments)
+        assert str(error.value) == message
 
 
 def test_masks_hold_pruned_weights_at_zero_even_under_momentum_from_before():
