@@ -21,6 +21,9 @@ fixed by zeroing the pruned entries' gradients and re-applying the mask after ev
 (`SparsityMasks.attach`). No parametrization is used, so the model's state dict and `save_pretrained`
 checkpoint are unchanged in layout: the saved weights contain exact zeros and `SparsityMasks.from_weights`
 recovers the mask from them.
+
+Gradient-free work sits in `with torch.no_grad():` blocks, not under the `@torch.no_grad()` decorator: mutmut
+(`eval/mutation.py`) does not mutate decorated functions.
 """
 
 from __future__ import annotations
@@ -122,11 +125,11 @@ class SparsityMasks:
             parameter = parameters[name]
             yield name, parameter, mask.to(parameter.device)
 
-    @torch.no_grad()
     def apply_(self, model: nn.Module) -> None:
         """Zero every pruned weight (in place)."""
-        for _name, parameter, mask in self._parameters(model):
-            parameter.mul_(mask.to(parameter.dtype))
+        with torch.no_grad():
+            for _name, parameter, mask in self._parameters(model):
+                parameter.mul_(mask.to(parameter.dtype))
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.utils.hooks.RemovableHandle]:
         """Keep pruned weights at exactly zero while `optimizer` trains `model`; returns removable handles.
@@ -158,7 +161,6 @@ def weight_sparsity(language_model: nn.Module) -> dict[str, float]:
 # ---- calibration ------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def input_norms(drafter: MultimodalDrafter, batches: list[PreparedBatch], linears: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
     """||X_j||_2 over all non-padding calibration tokens, for each input channel of each linear: `(in,)`."""
     sums = {name: torch.zeros(module.in_features, dtype=torch.float64, device=module.weight.device)
@@ -167,19 +169,21 @@ def input_norms(drafter: MultimodalDrafter, batches: list[PreparedBatch], linear
 
     def make_hook(name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
-            inputs = args[0]  # (batch, seq, in)
-            real = inputs[current_mask[0]] if inputs.dim() == 3 else inputs.reshape(-1, inputs.shape[-1])
+            # (batch, seq, in) -> (real tokens, in). A linear fed flattened tokens fails here rather than
+            # counting padding: the token mask is (batch, seq).
+            real = args[0][current_mask[0]]
             sums[name] += real.double().pow(2).sum(dim=0)
         return hook
 
     handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in linears.items()]
     try:
-        for batch in batches:
-            current_mask[:] = [batch.token_mask()]
-            inputs_embeds = drafter.embed(batch.input_ids, batch.image_features)
-            # Run only up to the last layer that holds a hooked linear would be cheaper; the full forward is simple.
-            drafter.language_model(inputs_embeds=inputs_embeds, attention_mask=batch.attention_mask,
-                                   use_cache=False, logits_to_keep=1)
+        with torch.no_grad():
+            for batch in batches:
+                current_mask[:] = [batch.token_mask()]
+                inputs_embeds = drafter.embed(batch.input_ids, batch.image_features)
+                # Run only up to the last layer that holds a hooked linear would be cheaper; the full forward is simple.
+                drafter.language_model(inputs_embeds=inputs_embeds, attention_mask=batch.attention_mask,
+                                       use_cache=False, logits_to_keep=1)
     finally:
         for handle in handles:
             handle.remove()
@@ -202,7 +206,6 @@ class SparsityDecision:
                 "granularity": self.granularity, "sequential": self.sequential, "sparsity_per_weight": self.per_layer}
 
 
-@torch.no_grad()
 def prune_sparse(drafter: MultimodalDrafter, calibration_batches: Iterable[Batch | PreparedBatch] | None,
                  sparsity: float | None = 0.5, pattern: Pattern = "unstructured", score: Score = "wanda",
                  granularity: Granularity = "row", sequential: bool = True,
@@ -231,7 +234,8 @@ def prune_sparse(drafter: MultimodalDrafter, calibration_batches: Iterable[Batch
             for name, module in linears.items():
                 scores = wanda_scores(module.weight, norms[name]) if score == "wanda" else module.weight.detach().abs().float()
                 mask = keep_mask(scores, sparsity, pattern, granularity)
-                module.weight.mul_(mask.to(module.weight.dtype))
+                with torch.no_grad():
+                    module.weight.mul_(mask.to(module.weight.dtype))
                 masks.masks[f"{name}.weight"] = mask
     finally:
         drafter.train(was_training)
