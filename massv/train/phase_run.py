@@ -77,6 +77,7 @@ def save_final_drafter(config: RunConfig, phase: int, accelerator: Accelerator, 
         for module in stored_modules:
             module.to(dtype=dtype)
     drafter.eval()
+    drafter.config.training_data[f"phase{phase}"] = training_data_description(config, phase)  # the model card says
     path = final_dir(cfg.output_dir)
     if accelerator.is_main_process:
         drafter.save_pretrained(path)
@@ -84,6 +85,13 @@ def save_final_drafter(config: RunConfig, phase: int, accelerator: Accelerator, 
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return path
+
+
+def training_data_description(config: RunConfig, phase: int) -> str:
+    """What a phase trained on, in the words of the drafter's model card."""
+    if phase == 1:
+        return f"image-caption pairs {config.data.pretrain_json}"
+    return f"the target's own answers ({config.data.distilled_dir}) to the prompts of {config.data.instruct_json}"
 
 
 def phase_config(config: RunConfig, phase: int) -> TrainingConfig:
