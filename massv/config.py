@@ -18,7 +18,6 @@ import difflib
 import logging
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
@@ -28,12 +27,14 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from massv.errors import MassvError
+
 logger = logging.getLogger(__name__)
 
 RESOLVED_CONFIG_NAME = "resolved_config.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(MassvError, ValueError):
     """A run config is malformed: unknown key, wrong type, missing key or out-of-range value."""
 
 
@@ -161,6 +162,10 @@ class LoraConfig:
             yield "target_modules", "must name at least one module"
 
 
+# Accelerate's tracker names (accelerate.utils.LoggerType), listed here so a typo fails at config load.
+TRACKERS = ("all", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+
+
 @dataclass
 class TrainingConfig:
     """One training phase (phase 1: projector pretraining; phase 2: fine-tuning on target answers)."""
@@ -187,7 +192,10 @@ class TrainingConfig:
     keep_last_checkpoints: int | None = 2  # None: keep all
     log_every_steps: int = 10
     seed: int = 42
-    tensorboard: bool = False
+    tensorboard: bool = False  # kept for old configs: the same as report_to: tensorboard
+    # Accelerate experiment trackers: tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab,
+    # trackio, or all (every one installed). <output_dir>/metrics.jsonl is written whatever this says.
+    report_to: str | list[str] | None = None
     lora: LoraConfig | None = None  # phase 2 only: phase 1 trains the projector alone
     gradient_checkpointing: bool = False
     # How long a collective (a barrier while the main process preprocesses or saves) waits before the job is
@@ -224,6 +232,16 @@ class TrainingConfig:
             yield "keep_last_checkpoints", "must be >= 1 (or null to keep all)"
         if self.log_every_steps < 1:
             yield "log_every_steps", "must be >= 1"
+        unknown = [name for name in self.trackers() if name not in TRACKERS]
+        if unknown:
+            yield "report_to", f"names unknown tracker(s) {unknown}; choose from {', '.join(TRACKERS)}"
+
+    def trackers(self) -> list[str]:
+        """`report_to` as a list (the legacy `tensorboard: true` included)."""
+        names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
+        if self.tensorboard and "tensorboard" not in names:
+            names.append("tensorboard")
+        return [name for name in names if name != "none"]
 
 
 @dataclass
@@ -299,18 +317,10 @@ class RunConfig:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the resolved config (defaults and overrides applied) so a run records what it used."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from massv.io import atomic_write_text
+
         text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_text(path, text)
 
 
 def save_resolved_config(config: RunConfig, output_dir: str | os.PathLike[str]) -> Path:

@@ -5,14 +5,17 @@ world -> target VLM + text-only LM (shipped, or `--from-scratch`) -> MASSV phase
 -> evaluation on the held-out split. Four drafters are compared at γ = 5, greedy and temperature 1:
   (a) the text-only drafter, (b) the text-only drafter tuned on the target's answers,
   (c) MASSV after phase 1, (d) full MASSV.
-Every stage writes its result under `--out` and is reused by the next run; greedy outputs are checked
-token for token against the target's own `generate()`.
+Every stage writes its result under `--out/<stage>/<key>/`, where the key hashes the stage's resolved config
+(and the keys of the stages it reads from), so a later run reuses a stage only if nothing it depends on changed:
+`--override phase2.learning_rate=5e-4` retrains phase 2 and baseline (b) and reuses phase 1 and the distilled
+answers. Greedy outputs are checked token for token against the target's own `generate()`.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import time
@@ -45,17 +48,56 @@ SIZES = {
 }
 
 
+# Keys that name where things are, not what they are: left out of the stage keys.
+PATH_KEYS = ("pretrain_json", "pretrain_image_root", "instruct_json", "instruct_image_root", "distilled_dir",
+             "output_dir")
+
+
 def _demo_config(config_path: Path, out: Path, size: dict[str, int], overrides: list[str]) -> RunConfig:
-    """The demo's YAML with data and output paths moved under `out` and the size's step counts."""
+    """The demo's YAML with data paths moved under `out` and the size's step counts (stage directories: see
+    `_keyed_config`)."""
     world = out / "world"
     paths = [
         f"data.pretrain_json={world / 'pretrain.jsonl'}", f"data.pretrain_image_root={world}",
         f"data.instruct_json={world / 'train.jsonl'}", f"data.instruct_image_root={world}",
-        f"data.distilled_dir={out / 'distilled'}", f"phase1.output_dir={out / 'phase1'}",
-        f"phase2.output_dir={out / 'phase2'}", f"phase1.max_steps={size['phase1_steps']}",
+        f"phase1.max_steps={size['phase1_steps']}",
         f"phase2.max_steps={size['phase2_steps']}", f"distill.max_new_tokens={size['max_new_tokens']}",
     ]
     return load_config(config_path, overrides=paths + list(overrides))
+
+
+def _hash(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _without_paths(section: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in section.items() if key not in PATH_KEYS}
+
+
+def stage_keys(config: RunConfig, world_hash: str, size: dict[str, int], seed: int) -> dict[str, str]:
+    """One key per stage: a hash of everything the stage's output depends on, its upstream stages' keys included.
+
+    phase 1 <- the world models, the model section, phase1, the caption data; distill <- the world models,
+    the model section, distill, the prompts; phase 2 and baseline (b) <- phase2 and the keys they read from.
+    """
+    raw = config.to_dict()
+    base = {"world": world_hash, "seed": seed, "model": raw["model"], "data": _without_paths(raw["data"])}
+    phase1 = _hash({**base, "stage": "phase1", "pretrain": size["pretrain"], "phase1": _without_paths(raw["phase1"])})
+    target_only = {key: raw["model"][key] for key in ("target", "torch_dtype", "attn_implementation")}
+    distill = _hash({**base, "model": target_only, "stage": "distill", "train": size["train"], "distill": raw["distill"]})
+    phase2 = _hash({**base, "stage": "phase2", "phase1": phase1, "distill": distill,
+                    "phase2": _without_paths(raw["phase2"])})
+    text_only_tuned = _hash({**base, "stage": "text_only_tuned", "distill": distill,
+                             "phase2": _without_paths(raw["phase2"])})
+    return {"phase1": phase1, "distill": distill, "phase2": phase2, "text_only_tuned": text_only_tuned}
+
+
+def _keyed_config(config: RunConfig, out: Path, keys: dict[str, str]) -> RunConfig:
+    """`config` with each stage's output under `out/<stage>/<key>`."""
+    return load_config(config.to_dict(), overrides=[
+        f"phase1.output_dir={out / 'phase1' / keys['phase1']}", f"data.distilled_dir={out / 'distilled' / keys['distill']}",
+        f"phase2.output_dir={out / 'phase2' / keys['phase2']}",
+    ])
 
 
 def _stage(name: str) -> None:
@@ -78,16 +120,25 @@ def _text_only_records(records: Any) -> Any:
 
 
 def _train_or_load(config: RunConfig, phase: int, target: Any, drafter: MultimodalDrafter, processor: Any,
-                   records: Any) -> MultimodalDrafter:
-    """Run a phase unless its final drafter exists (then load it: a second demo run reuses the stage)."""
+                   records: Any, reused: dict[str, bool] | None = None, stage: str | None = None) -> MultimodalDrafter:
+    """Run a phase unless its final drafter exists (then load it: a second demo run reuses the stage).
+
+    The caller keys `output_dir` by the stage's config (`stage_keys`), so an existing final drafter is one
+    trained with this very config. `reused[stage]` records which of the two happened.
+    """
     from massv.train import train_phase
     from massv.train.phase_run import phase_config
 
     output_dir = phase_config(config, phase).output_dir
-    if (_final(output_dir) / "massv_drafter.json").is_file():
-        logger.info("reusing %s", _final(output_dir))
+    found = (_final(output_dir) / "massv_drafter.json").is_file()
+    if reused is not None and stage is not None:
+        reused[stage] = found
+    if found:
+        logger.info("reusing %s (trained with this stage's config)", _final(output_dir))
         return MultimodalDrafter.from_pretrained(_final(output_dir), target=target)
-    result = train_phase(config, phase, resume=True, target=target, drafter=drafter, processor=processor, dataset=records)
+    # "auto": continue an interrupted run of this very stage, else start it
+    result = train_phase(config, phase, resume="auto", target=target, drafter=drafter, processor=processor,
+                         dataset=records)
     return result.drafter
 
 
@@ -108,8 +159,9 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
     started = time.perf_counter()
     size = SIZES["quick" if quick else "full"]
     out.mkdir(parents=True, exist_ok=True)
-    config = _demo_config(config_path, out, size, overrides or [])
+    config = _demo_config(config_path, out, size, overrides or [])  # config errors before any model loads
     timings: dict[str, float] = {}
+    reused: dict[str, bool] = {}
 
     def timed(name: str, start: float) -> None:
         timings[name] = round(time.perf_counter() - start, 1)
@@ -120,6 +172,8 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
     target, text_lm, processor = world_models.target, world_models.text_lm, world_models.processor
     target.eval()
     timed("world_models", start)
+    keys = stage_keys(config, world_models.recipe.hash(), size, seed)
+    config = _keyed_config(config, out, keys)
 
     _stage("synthetic world data")
     start = time.perf_counter()
@@ -136,27 +190,29 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
     start = time.perf_counter()
     pretrain_records, _ = load_llava_records(world_dir / "pretrain.jsonl", world_dir)
     fresh = MultimodalDrafter.from_target(target, copy.deepcopy(text_lm), len(world_models.tokenizer))
-    phase1_drafter = _train_or_load(config, 1, target, fresh, processor, pretrain_records)
+    phase1_drafter = _train_or_load(config, 1, target, fresh, processor, pretrain_records, reused, "phase1")
     timed("phase1", start)
 
     _stage("self-distillation: the target answers the training prompts")
     start = time.perf_counter()
     train_records, _ = load_llava_records(world_dir / "train.jsonl", world_dir)
-    generate_responses(config, target=target, processor=processor, records=train_records)
+    reused["distill"] = generate_responses(config, target=target, processor=processor, records=train_records).generated == 0
     distilled, _ = load_distilled_records(config.data.distilled_dir, world_dir, num_workers=0)
     timed("distill", start)
 
     _stage("phase 2: projector + LM on the target's answers")
     start = time.perf_counter()
     phase2_start = MultimodalDrafter.from_pretrained(_final(config.phase1.output_dir), target=target)
-    massv_drafter = _train_or_load(config, 2, target, phase2_start, processor, distilled)
+    massv_drafter = _train_or_load(config, 2, target, phase2_start, processor, distilled, reused, "phase2")
     timed("phase2", start)
 
     _stage("baseline (b): the text-only drafter tuned on the target's answers")
     start = time.perf_counter()
-    text_config = load_config(config.to_dict(), overrides=[f"phase2.output_dir={out / 'phase2_text_only'}"])
+    text_config = load_config(config.to_dict(), overrides=[
+        f"phase2.output_dir={out / 'phase2_text_only' / keys['text_only_tuned']}"])
     text_start = MultimodalDrafter.from_target(target, copy.deepcopy(text_lm), len(world_models.tokenizer))
-    tuned_text_lm = _train_or_load(text_config, 2, target, text_start, processor, _text_only_records(distilled)).language_model
+    tuned_text_lm = _train_or_load(text_config, 2, target, text_start, processor, _text_only_records(distilled),
+                                   reused, "text_only_tuned").language_model
     timed("text_only_tuned", start)
 
     _stage("evaluation on the held-out split")
@@ -187,10 +243,20 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
     # ---- end --compress ----
 
     report = _report(results, world_models, size, timings, time.perf_counter() - started, quick)
+    report["stages"] = {stage: {"key": keys[stage], "reused": reused.get(stage, False)} for stage in keys}
     if compression is not None:
         report["compression"] = compression
+    _record_in_model_card(_final(config.phase2.output_dir), results)
     _write_report(out, report)
     return report
+
+
+def _record_in_model_card(drafter_dir: Path, results: dict[str, dict[str, EvalSummary]]) -> None:
+    """Full MASSV's MAL at both temperatures, in its drafter's model card."""
+    from massv.model_card import evaluation_entry, record_evaluation
+
+    for summary in results["massv"].values():
+        record_evaluation(drafter_dir, evaluation_entry("world (held-out)", asdict(summary)))
 
 
 def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -277,16 +343,22 @@ def _write_report(out: Path, report: dict[str, Any]) -> None:
     (out / "report.md").write_text(markdown)
     _plot(out, report)
     print(markdown)
+    print(f"report: {out / 'report.md'} (also {out / 'report.json'}, {out / 'report.png'})")
 
 
 def main(argv: list[str] | None = None) -> int:
     """`massv demo [--quick] [--from-scratch] [--out DIR]`; exits non-zero if any greedy output differs."""
-    parser = argparse.ArgumentParser(prog="massv demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (reused across runs)")
-    parser.add_argument("--quick", action="store_true", help="a tiny version of every stage (about two minutes)")
+    from massv.cli import HelpFormatter, add_override_argument
+
+    parser = argparse.ArgumentParser(prog="massv demo", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"),
+                        help="output directory; stages whose config did not change are reused from it "
+                        "(--quick: <out>/quick when --out is not given)")
+    parser.add_argument("--quick", action="store_true", help="a tiny version of every stage (CI's smoke run)")
     parser.add_argument("--from-scratch", action="store_true", help="retrain the world target and text LM too")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    parser.add_argument("--override", nargs="*", default=[], help="config overrides, e.g. phase2.learning_rate=5e-4")
+    add_override_argument(parser, "phase2.learning_rate=5e-4")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compress", action="store_true",
                         help="also the compression study: MAL vs MACs of pruned / sparse drafters (massv.compress.study)")

@@ -3,11 +3,16 @@
 The projected image features replace the LM's input embeddings at the image placeholder positions, so a
 text-only LM of the target's family can "see" the same image the target sees and predict what it will say.
 
-On disk (LLaVA-style, each part loadable on its own):
+On disk (LLaVA-style, each part loadable on its own), a Hugging Face model repository:
     massv_drafter.json         MultimodalDrafterConfig
+    config.json                the same, with `model_type: massv_drafter`, for the Hub's tools
+    README.md                  the model card: target, training data, MAL table (massv.model_card)
     projector.safetensors      the trained projector
     language_model/            the drafter LM, a plain Hugging Face checkpoint (safetensors)
     vision_encoder.safetensors optional: the target's vision modules, when saved with them
+
+`from_pretrained` takes a local directory or a Hub id (downloaded through `huggingface_hub`, so its cache,
+`HF_HUB_OFFLINE` and tokens apply); `push_to_hub` uploads a saved copy. Files get ordinary modes (0644/0755).
 """
 
 from __future__ import annotations
@@ -15,25 +20,33 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from massv.errors import DrafterMismatchError, InputError, MissingInputError
 from massv.families import VISION_FEATURE_CHOICES, FamilyAdapter, get_adapter
+from massv.io import atomic_directory, check_safetensors, load_safetensors, read_text
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "massv_drafter.json"
+HF_CONFIG_NAME = "config.json"
+HF_MODEL_TYPE = "massv_drafter"
 PROJECTOR_WEIGHTS = "projector.safetensors"
 VISION_WEIGHTS = "vision_encoder.safetensors"
 LANGUAGE_MODEL_DIR = "language_model"
+CHECKPOINT_STATE_NAME = "train_state.json"  # written by massv.train.loop into checkpoint-<step>/
+# "name" or "owner/name": what the Hub accepts as a repository id (a local path is tried first).
+HUB_ID_PATTERN = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 
 
 @dataclass
@@ -53,6 +66,9 @@ class MultimodalDrafterConfig:
     target_name_or_path: str | None = None
     includes_vision_encoder: bool = False
     massv_version: str = field(default="0.1.0")
+    language_model_name_or_path: str | None = None  # the drafter LM it started from (model card)
+    training_data: dict[str, str] = field(default_factory=dict)  # stage -> data it trained on (model card)
+    evaluations: list[dict[str, Any]] = field(default_factory=list)  # MAL measurements (model card)
 
     def __post_init__(self) -> None:
         if self.vision_feature not in VISION_FEATURE_CHOICES:
@@ -68,6 +84,8 @@ class MultimodalDrafterConfig:
     def from_json(cls, text: str) -> MultimodalDrafterConfig:
         """Parse a saved config; an unknown key is an error rather than silently ignored."""
         data = json.loads(text)
+        data.pop("model_type", None)  # config.json's copy carries the Hub's model_type / architectures
+        data.pop("architectures", None)
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
@@ -145,6 +163,7 @@ class MultimodalDrafter(nn.Module):
                 tokenizer_size, language_model.config.vocab_size, adapter.target_vocab_size
             ),
             target_name_or_path=getattr(target, "name_or_path", None) or None,
+            language_model_name_or_path=getattr(language_model, "name_or_path", None) or None,
         )
         drafter = cls(config, language_model, adapter.vision_modules(target), share_vision=True)
         drafter.projector.to(device=language_model.device, dtype=language_model.dtype)
@@ -287,79 +306,183 @@ class MultimodalDrafter(nn.Module):
         return CausalLMOutputWithPast(loss=loss, past_key_values=outputs.past_key_values)
 
     # ---- persistence --------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, include_vision_encoder: bool | None = None) -> None:
-        """Write config, projector, LM (and optionally the vision encoder) as safetensors, atomically.
+    def save_pretrained(self, save_directory: str | os.PathLike, include_vision_encoder: bool | None = None) -> Path:
+        """Write config, model card, projector, LM (and optionally the vision encoder) as safetensors, atomically.
 
         The files are written into a temporary sibling directory that is renamed into place, so an
-        interrupted save never leaves a half-written drafter behind.
+        interrupted save (or a full disk) never leaves a half-written drafter or a staging folder behind.
         """
+        from massv.model_card import MODEL_CARD_NAME, render_model_card
+
         target_dir = Path(save_directory)
         include_vision = self.vision_encoder is not None if include_vision_encoder is None else include_vision_encoder
-        target_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target_dir.name}.", dir=target_dir.parent))
         config = MultimodalDrafterConfig(**{**asdict(self.config), "includes_vision_encoder": include_vision})
-        (staging / CONFIG_NAME).write_text(config.to_json())
-        save_file(_contiguous(self.projector.state_dict()), str(staging / PROJECTOR_WEIGHTS))
-        self.language_model.save_pretrained(staging / LANGUAGE_MODEL_DIR, safe_serialization=True)
-        if include_vision:
-            vision_state = {
-                f"{name}.{key}": value for name, module in self.vision_modules.items()
-                for key, value in module.state_dict().items()
-            }
-            save_file(_contiguous(vision_state), str(staging / VISION_WEIGHTS))
-        _replace_directory(staging, target_dir)
+        with atomic_directory(target_dir) as staging:
+            (staging / CONFIG_NAME).write_text(config.to_json())
+            (staging / HF_CONFIG_NAME).write_text(json.dumps(hub_config(config), indent=2, sort_keys=True))
+            (staging / MODEL_CARD_NAME).write_text(render_model_card(config))
+            save_file(_contiguous(self.projector.state_dict()), str(staging / PROJECTOR_WEIGHTS))
+            self.language_model.save_pretrained(staging / LANGUAGE_MODEL_DIR, safe_serialization=True)
+            if include_vision:
+                vision_state = {
+                    f"{name}.{key}": value for name, module in self.vision_modules.items()
+                    for key, value in module.state_dict().items()
+                }
+                save_file(_contiguous(vision_state), str(staging / VISION_WEIGHTS))
+        return target_dir
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    revision: str | None = None, commit_message: str = "Upload MASSV drafter",
+                    create_pr: bool = False, include_vision_encoder: bool | None = None) -> Any:
+        """Save (as `save_pretrained` does, model card included) and upload to the Hub repository `repo_id`.
+
+        The repository is created if needed. Returns `huggingface_hub`'s commit info.
+        """
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(Path(tmp) / "drafter", include_vision_encoder=include_vision_encoder)
+            return api.upload_folder(repo_id=getattr(repo, "repo_id", repo_id), folder_path=folder, repo_type="model",
+                                     commit_message=commit_message, revision=revision, create_pr=create_pr)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, target: PreTrainedModel | None = None,
-                        torch_dtype: torch.dtype | None = None, **lm_kwargs: Any) -> MultimodalDrafter:
-        """Load a saved drafter. With `target`, its vision modules are re-attached by reference (no second
-        copy); otherwise the saved vision encoder is loaded, and it is an error if none was saved."""
-        path = Path(path)
-        config_file = path / CONFIG_NAME
-        if not config_file.is_file():
-            raise FileNotFoundError(
-                f"{config_file} not found: {path} is not a MASSV drafter directory (expected {CONFIG_NAME}, "
-                f"{PROJECTOR_WEIGHTS} and {LANGUAGE_MODEL_DIR}/ written by MultimodalDrafter.save_pretrained)"
-            )
-        config = MultimodalDrafterConfig.from_json(config_file.read_text())
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, target: PreTrainedModel | None = None,
+                        torch_dtype: torch.dtype | None = None, *, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, token: str | None = None,
+                        local_files_only: bool = False, **lm_kwargs: Any) -> MultimodalDrafter:
+        """Load a saved drafter from a directory or a Hub id (`owner/name`, through `huggingface_hub`).
+
+        With `target`, the drafter is first checked against it (family *and* sizes: a drafter for another
+        target size fails here, not mid-generation), its vision modules are re-attached by reference (no
+        second copy), and the drafter goes to the device of the target's input embeddings. Without `target`,
+        the saved vision encoder is loaded, and it is an error if none was saved.
+        """
+        path = resolve_drafter_directory(pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir,
+                                         token=token, local_files_only=local_files_only)
+        config = read_drafter_config(path)
+        if target is not None:
+            check_target_fits(config, target, where=str(pretrained_model_name_or_path))
+        elif not config.includes_vision_encoder:
+            logger.info("drafter %s has no saved vision encoder; attach one with attach_vision() or pass target=", path)
+        check_drafter_files(path, config)
         if torch_dtype is not None:
             lm_kwargs["dtype"] = torch_dtype
         language_model = AutoModelForCausalLM.from_pretrained(path / LANGUAGE_MODEL_DIR, **lm_kwargs)
         drafter = cls(config, language_model)
-        drafter.projector.load_state_dict(load_file(str(path / PROJECTOR_WEIGHTS)))
+        drafter.projector.load_state_dict(load_safetensors(path / PROJECTOR_WEIGHTS))
         drafter.projector.to(device=language_model.device, dtype=language_model.dtype)
         if target is not None:
-            if target.config.model_type != config.family:
-                raise ValueError(f"drafter was trained for a {config.family!r} target, got {target.config.model_type!r}")
             drafter.attach_vision(drafter.adapter.vision_modules(target), share=True)
+            if "device_map" not in lm_kwargs:
+                drafter.to(device=target.get_input_embeddings().weight.device)
         elif config.includes_vision_encoder:
             modules = drafter.adapter.build_vision_modules()
-            vision_state = load_file(str(path / VISION_WEIGHTS))
+            vision_state = load_safetensors(path / VISION_WEIGHTS)
             for name, module in modules.items():
                 prefix = f"{name}."
                 module.load_state_dict({k[len(prefix):]: v for k, v in vision_state.items() if k.startswith(prefix)})
                 module.to(device=language_model.device, dtype=torch_dtype or language_model.dtype)
             drafter.attach_vision(modules, share=False)
-        else:
-            logger.info("drafter %s has no saved vision encoder; attach one with attach_vision() or pass target=", path)
         drafter.eval()
         return drafter
 
 
+def hub_config(config: MultimodalDrafterConfig) -> dict[str, Any]:
+    """`config.json`: the drafter config under the Hub's conventions (a `model_type`, the class that loads it)."""
+    return {"model_type": HF_MODEL_TYPE, "architectures": [MultimodalDrafter.__name__], **asdict(config)}
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """`owner/name` (or `name`) as the Hub spells repository ids; paths such as `./x`, `/x` or `a/b/c` are not."""
+    return bool(HUB_ID_PATTERN.match(name)) and ".." not in name and not name.endswith((".", "-"))
+
+
+def resolve_drafter_directory(name_or_path: str | os.PathLike, *, revision: str | None = None,
+                              cache_dir: str | os.PathLike | None = None, token: str | None = None,
+                              local_files_only: bool = False) -> Path:
+    """A local drafter directory: the path itself, or the Hub snapshot of a repository id."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise InputError(f"{path} is a file: a MASSV drafter is a directory (written by save_pretrained)")
+    name = str(name_or_path)
+    if not looks_like_hub_id(name):
+        raise MissingInputError(f"{name} is not a MASSV drafter directory: no such directory (and not a Hub id "
+                                "of the form owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, token=token,
+                                      local_files_only=local_files_only))
+    except Exception as error:  # RepositoryNotFoundError, LocalEntryNotFoundError (offline), HTTP errors
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MissingInputError(f"{name} is not a local directory, and the Hub could not provide it "
+                                f"({type(error).__name__}: {reason})") from error
+
+
+def read_drafter_config(path: Path) -> MultimodalDrafterConfig:
+    """The saved config of a drafter directory; a training checkpoint or another directory says what it is."""
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        if (path / CHECKPOINT_STATE_NAME).is_file():
+            raise InputError(f"{path} is a training checkpoint, not a drafter: turn it into one with "
+                             f"'massv export {path} --out DIR' (or use the phase's final/ directory)")
+        raise MissingInputError(
+            f"{config_file} not found: {path} is not a MASSV drafter directory (expected {CONFIG_NAME}, "
+            f"{PROJECTOR_WEIGHTS} and {LANGUAGE_MODEL_DIR}/ written by MultimodalDrafter.save_pretrained)"
+        )
+    text = read_text(config_file, "drafter config")
+    try:
+        return MultimodalDrafterConfig.from_json(text)
+    except (ValueError, TypeError) as error:
+        raise InputError(f"{config_file}: {error}") from None
+
+
+def check_drafter_files(path: Path, config: MultimodalDrafterConfig) -> None:
+    """Every weight file of a drafter directory is present and complete (headers only: cheap, before any load)."""
+    language_model_dir = path / LANGUAGE_MODEL_DIR
+    if not (language_model_dir / "config.json").is_file():
+        raise MissingInputError(f"{language_model_dir}/config.json not found: the drafter at {path} has no "
+                                "language model (an interrupted copy?)")
+    check_safetensors(path / PROJECTOR_WEIGHTS)
+    for weights in sorted(language_model_dir.glob("*.safetensors")):
+        check_safetensors(weights)
+    if config.includes_vision_encoder:
+        check_safetensors(path / VISION_WEIGHTS)
+
+
+def check_target_fits(config: MultimodalDrafterConfig, target: PreTrainedModel, where: str = "drafter") -> None:
+    """Refuse a target the drafter was not trained for: other family, vision feature width, image token or vocabulary.
+
+    Why sizes and not only the family: a drafter trained for Qwen2.5-VL-3B loads fine next to a 7B target
+    and then fails mid-generation with a shape error deep in the projector.
+    """
+    target_name = getattr(target, "name_or_path", None) or "the given target"
+    if target.config.model_type != config.family:
+        raise DrafterMismatchError(f"drafter {where} was trained for a {config.family!r} target, got "
+                                   f"{target.config.model_type!r} ({target_name})")
+    adapter = get_adapter(target.config)
+    saved = get_adapter(config.build_target_config())
+    checks = (
+        ("vision feature width", config.vision_feature_dim, adapter.feature_dim(config.vision_feature)),
+        ("image token id", config.image_token_id, adapter.image_token_id),
+        ("target vocabulary size", saved.target_vocab_size, adapter.target_vocab_size),
+    )
+    differences = [f"{what}: drafter {expected}, target {actual}" for what, expected, actual in checks
+                   if expected != actual]
+    if differences:
+        trained_for = config.target_name_or_path or "another target"
+        raise DrafterMismatchError(
+            f"drafter {where} was trained for {trained_for}, which differs from {target_name} ("
+            + "; ".join(differences) + "): use a drafter trained for this target"
+        )
+    if config.target_name_or_path and config.target_name_or_path != getattr(target, "name_or_path", None):
+        logger.info("drafter %s was trained for %s; the target %s has the same sizes", where,
+                    config.target_name_or_path, target_name)
+
+
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: value.detach().contiguous().cpu() for key, value in state.items()}
-
-
-def _replace_directory(staging: Path, target_dir: Path) -> None:
-    """Swap a fully written directory into place; the old one is removed only after the new one exists."""
-    import shutil
-
-    backup = None
-    if target_dir.exists():
-        backup = target_dir.with_name(f".{target_dir.name}.old")
-        if backup.exists():
-            shutil.rmtree(backup)
-        os.replace(target_dir, backup)
-    os.replace(staging, target_dir)
-    if backup is not None:
-        shutil.rmtree(backup)

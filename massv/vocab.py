@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
+from massv.errors import MassvError
 
-class TokenizerMismatchError(ValueError):
+
+class TokenizerMismatchError(MassvError, ValueError):
     """Target and drafter tokenize differently; speculative decoding would verify the wrong tokens."""
 
 

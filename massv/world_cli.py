@@ -13,7 +13,9 @@ logger = logging.getLogger(__name__)
 
 def main(argv: list[str] | None = None) -> int:
     """Write one split (images + LLaVA JSONL) so the world can be used like any LLaVA-format dataset."""
-    parser = argparse.ArgumentParser(prog="massv world", description=__doc__)
+    from massv.cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="massv world", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--split", choices=SPLITS, default="train")
     parser.add_argument("--num", type=int, default=1000, help="number of records")

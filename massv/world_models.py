@@ -30,7 +30,6 @@ import math
 import os
 import random
 import re
-import shutil
 import statistics
 import tempfile
 import time
@@ -55,6 +54,7 @@ from transformers.utils import ModelOutput
 
 from massv import world
 from massv.families import get_adapter
+from massv.io import discard_staging, publish_directory
 from massv.tiny import build_qwen_processor, build_qwen_tokenizer, qwen_drafter_config, qwen_target_config
 
 logger = logging.getLogger(__name__)
@@ -877,9 +877,9 @@ def train_world_models(recipe: WorldRecipe, out_dir: str | os.PathLike, progress
         metrics["total_seconds"] = time.time() - started
         (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
         (staging / "README.md").write_text(_model_card(recipe, metrics))
-        _replace_directory(staging, out_dir)
+        publish_directory(staging, out_dir)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard_staging(staging)
         raise
     logger.info("world models for recipe %s written to %s in %.0f s", recipe.hash(), out_dir, time.time() - started)
     return out_dir
@@ -930,18 +930,6 @@ def _load_directory(directory: Path, recipe: WorldRecipe) -> WorldModels:
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
     return WorldModels(target=target, text_lm=text_lm, processor=processor, tokenizer=processor.tokenizer,
                        recipe=recipe, path=directory, metrics=metrics)
-
-
-def _replace_directory(staging: Path, out_dir: Path) -> None:
-    """Swap a fully written directory into place; the old one is removed only after the new one exists."""
-    backup = None
-    if out_dir.exists():
-        backup = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(backup, ignore_errors=True)
-        os.replace(out_dir, backup)
-    os.replace(staging, out_dir)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
 
 
 def _tail_mean(losses: list[float]) -> float:

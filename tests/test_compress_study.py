@@ -125,7 +125,8 @@ def _tiny_world(tmp_path):
     write_world(world_dir, "pretrain", 8, 0)
     write_world(world_dir, "train", 8, 0)
     write_world(world_dir, "heldout", 2, 1)
-    config = _demo_config(DEFAULT_CONFIG, out, SIZES["quick"], ["distill.max_new_tokens=8"])
+    config = _demo_config(DEFAULT_CONFIG, out, SIZES["quick"],
+                          ["distill.max_new_tokens=8", f"data.distilled_dir={out / 'distilled'}"])
     pretrain, _ = load_llava_records(world_dir / "pretrain.jsonl", world_dir)
     train, _ = load_llava_records(world_dir / "train.jsonl", world_dir)
     generate_responses(config, target=world_models.target, processor=world_models.processor, records=train)

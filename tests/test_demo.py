@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
+import yaml
 from PIL import Image
 
 from massv.demo import DRAFTERS, main
@@ -15,25 +18,74 @@ def test_shipped_world_models_match_the_default_recipe():
     assert stored_recipe_hash(ASSETS_DIR) == WorldRecipe().hash()
 
 
-def test_quick_demo_end_to_end(tmp_path):
+def _rows(out, name, temperature):
+    path = out / "samples" / f"{name}_T{temperature}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_quick_demo_end_to_end_and_reuses_only_unchanged_stages(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["--quick", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report["results"]) == set(DRAFTERS)
-    for by_temperature in report["results"].values():
+    assert f"report: {out / 'report.md'}" in capsys.readouterr().out  # the demo says where its report went
+    for name, by_temperature in report["results"].items():
         assert set(by_temperature) == {"T=0", "T=1"}
-        for summary in by_temperature.values():
-            assert summary["num_samples"] == report["sizes"]["heldout"]
-            assert 1.0 <= summary["mean_accepted_length"] <= 6.0  # γ = 5: at most 5 drafts + 1 bonus
+        for temperature in ("0", "1"):
+            summary = by_temperature[f"T={temperature}"]
+            rows = _rows(out, name, temperature)
+            assert summary["num_samples"] == len(rows) == report["sizes"]["heldout"]
+            # MAL recounted from the per-sample records: tokens emitted per verification step, over all steps.
+            lengths = [length for row in rows for length in row["accepted_lengths"]]
+            assert all(1 <= length <= 6 for length in lengths)  # γ = 5: at most 5 drafts + the target's token
+            assert summary["mean_accepted_length"] == pytest.approx(sum(lengths) / len(lengths), rel=1e-12)
+            if temperature == "0":
+                assert summary["lossless_mismatches"] == sum(not row["identical_to_target"] for row in rows) == 0
     assert report["lossless"]["checked"] == 4 * report["sizes"]["heldout"]
     assert report["lossless"]["mismatches"] == 0
     assert (out / "report.md").read_text().startswith("# MASSV demo report")
     assert (out / "report.png").stat().st_size > 10_000
+    assert not any(stage["reused"] for stage in report["stages"].values())
+    card = (out / "phase2" / report["stages"]["phase2"]["key"] / "final" / "README.md").read_text()
+    greedy_mal = report["results"]["massv"]["T=0"]["mean_accepted_length"]
+    assert f"| world (held-out) | 5 | 0 | 24 | 3 | {greedy_mal:.2f} |" in card  # the drafter's model card has its MAL
     # The world images are written at the size the target was trained on: any other size is resampled by the
     # processor, and a blurred scene is not what the target's vision tower learned to parse.
     with Image.open(next((out / "world" / "images").glob("heldout_*.png"))) as image:
         assert image.size == (WorldRecipe().image_size,) * 2
-    # A second run reuses every trained stage instead of training again.
-    assert main(["--quick", "--out", str(out)]) == 0
+
+    # A changed phase-2 setting retrains phase 2 and baseline (b), which read it, and reuses phase 1 and the
+    # target's answers, which do not: never the old drafter's numbers under the new setting's name.
+    assert main(["--quick", "--out", str(out), "--override", "phase2.learning_rate=5e-4"]) == 0
     second = json.loads((out / "report.json").read_text())
-    assert second["stage_seconds"]["phase1"] < 10 and second["stage_seconds"]["phase2"] < 10
+    assert {stage: value["reused"] for stage, value in second["stages"].items()} == {
+        "phase1": True, "distill": True, "phase2": False, "text_only_tuned": False}
+    assert second["stages"]["phase1"]["key"] == report["stages"]["phase1"]["key"]
+    assert second["stages"]["phase2"]["key"] != report["stages"]["phase2"]["key"]
+    resolved = yaml.safe_load((out / "phase2" / second["stages"]["phase2"]["key"] / "resolved_config.yaml").read_text())
+    assert resolved["phase2"]["learning_rate"] == 5e-4
+
+
+
+def test_stage_keys_change_for_a_stage_and_the_stages_that_read_it():
+    from massv.demo import DEFAULT_CONFIG, SIZES, _demo_config, stage_keys
+
+    def keys(*overrides):
+        config = _demo_config(DEFAULT_CONFIG, Path("/tmp/out"), SIZES["quick"], list(overrides))
+        return stage_keys(config, "world-hash", SIZES["quick"], seed=0)
+
+    base = keys()
+    changed = {
+        "phase1.learning_rate=1e-3": {"phase1", "phase2"},
+        "distill.temperature=1.0": {"distill", "phase2", "text_only_tuned"},
+        "phase2.learning_rate=5e-4": {"phase2", "text_only_tuned"},
+        "model.projector_layers=3": {"phase1", "phase2", "text_only_tuned"},  # the target's answers stay valid
+        "model.torch_dtype=bfloat16": {"phase1", "distill", "phase2", "text_only_tuned"},
+    }
+    for override, stages in changed.items():
+        new = keys(override)
+        assert {stage for stage in base if new[stage] != base[stage]} == stages, override
+    # Where the outputs go is not what they are: other output paths keep every key.
+    assert keys("phase1.output_dir=/elsewhere", "data.distilled_dir=/x") == base
+    other_world = stage_keys(_demo_config(DEFAULT_CONFIG, Path("/tmp/out"), SIZES["quick"], []), "other", SIZES["quick"], 0)
+    assert all(other_world[stage] != base[stage] for stage in base)

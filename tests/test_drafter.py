@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from massv import MultimodalDrafter
 from massv.drafter import CONFIG_NAME, VISION_WEIGHTS
+from massv.errors import CorruptFileError, DrafterMismatchError, InputError
+from massv.tiny import build_tiny_pair
 from tests.conftest import prompt_inputs, random_image
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
@@ -170,3 +181,145 @@ def test_pre_merger_features_feed_a_drafter(tiny_pair):
     features = drafter.encode_images(_image_inputs(drafter, inputs))
     assert features.shape == (int((inputs["input_ids"] == drafter.config.image_token_id).sum()), drafter.config.vision_feature_dim)
     assert drafter.config.vision_feature_dim == drafter.adapter.feature_dim("pre_merger")
+
+
+# ---- Hugging Face conventions: files, modes, model card, Hub ids, push_to_hub, size checks ------------------
+
+
+def _umask(value: int) -> int:
+    previous = os.umask(value)
+    return previous
+
+
+def test_saved_drafter_is_a_readable_hub_style_directory(tiny_pair, drafter, tmp_path):
+    previous = _umask(0o022)
+    try:
+        path = drafter.save_pretrained(tmp_path / "final")
+    finally:
+        os.umask(previous)
+    modes = {str(p.relative_to(path)): stat.S_IMODE(p.stat().st_mode) for p in [path, *path.rglob("*")]}
+    assert modes["."] == 0o755 and modes["language_model"] == 0o755  # another user or a container can read it
+    assert {mode for name, mode in modes.items() if (path / name).is_file()} == {0o644}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # no staging folder left
+    hub_config = json.loads((path / "config.json").read_text())
+    assert hub_config["model_type"] == "massv_drafter" and hub_config["architectures"] == ["MultimodalDrafter"]
+    assert hub_config["family"] == tiny_pair.target.config.model_type
+    card = (path / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: massv\n") and f"- {drafter.config.family}" in card
+    assert f"hidden size {drafter.config.lm_hidden_size}" in card and "Not measured yet" in card
+
+
+def test_model_card_lists_training_data_and_mal(tiny_pair, drafter, tmp_path):
+    from massv.model_card import evaluation_entry, record_evaluation
+
+    drafter.config.training_data["phase1"] = "image-caption pairs data/captions.json"
+    path = drafter.save_pretrained(tmp_path / "final")
+    summary = {"settings": {"num_draft_tokens": 5, "temperature": 0.0, "max_new_tokens": 64}, "num_samples": 40,
+               "mean_accepted_length": 4.3912, "acceptance_rate": 0.71, "speedup": 1.93}
+    record_evaluation(path, evaluation_entry("world", summary))
+    record_evaluation(path, evaluation_entry("world", {**summary, "mean_accepted_length": 4.5}))  # same setting: replaced
+    card = (path / "README.md").read_text()
+    assert "- phase1: `image-caption pairs data/captions.json`" in card
+    assert "| world | 5 | 0 | 64 | 40 | 4.50 | 71.0% | 1.93x |" in card and "4.39" not in card
+    reloaded = MultimodalDrafter.from_pretrained(path, target=tiny_pair.target)
+    assert reloaded.config.evaluations == [evaluation_entry("world", {**summary, "mean_accepted_length": 4.5})]
+
+
+HUB_ID = "massv-test/tiny-drafter"
+LOAD_FROM_HUB = """
+import json, sys, torch
+from massv import MultimodalDrafter
+from massv.tiny import build_tiny_pair
+from tests.conftest import prompt_inputs, random_image
+torch.set_num_threads(1)
+pair = build_tiny_pair(sys.argv[1], seed=0)
+drafter = MultimodalDrafter.from_pretrained(sys.argv[2], target=pair.target)
+inputs = prompt_inputs(pair, "What colour is the square?", random_image(7))
+logits = drafter(inputs["input_ids"], image_inputs={k: inputs[k] for k in drafter.adapter.image_input_names}).logits
+torch.save(logits, sys.argv[3])
+try:
+    MultimodalDrafter.from_pretrained("massv-test/not-in-the-cache", target=pair.target)
+except FileNotFoundError as error:
+    print("MISSING:", error)
+"""
+
+
+def test_push_to_hub_then_from_pretrained_by_hub_id_offline(tiny_pair, drafter, tmp_path, monkeypatch):
+    """push_to_hub uploads the saved directory; from_pretrained("owner/name") reads it back through
+    huggingface_hub, here from a pre-filled cache with HF_HUB_OFFLINE=1 set when the process starts."""
+    if tiny_pair.target.config.model_type != "qwen2_5_vl":
+        pytest.skip("the Hub path is family-independent; one family keeps the suite fast")
+    import huggingface_hub
+
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for parameter in drafter.projector.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--massv-test--tiny-drafter" / "snapshots" / commit
+    uploads = []
+
+    def create_repo(self, repo_id, **kwargs):
+        uploads.append(("create_repo", repo_id, kwargs.get("private")))
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):  # what the Hub would store: the folder's files
+        uploads.append(("upload_folder", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+        shutil.copytree(folder_path, snapshot)
+        return "commit-info"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    assert drafter.push_to_hub(HUB_ID, private=True) == "commit-info"
+    assert uploads[0] == ("create_repo", HUB_ID, True)
+    assert uploads[1] == ("upload_folder", HUB_ID, ["README.md", "config.json", "language_model", CONFIG_NAME,
+                                                   "projector.safetensors"])
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(commit)
+
+    inputs = _inputs(tiny_pair, seed=7)
+    expected = drafter(inputs["input_ids"], image_inputs=_image_inputs(drafter, inputs)).logits
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", LOAD_FROM_HUB, "qwen2_5_vl", HUB_ID, str(tmp_path / "logits.pt")],
+                            env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+    assert "MISSING: massv-test/not-in-the-cache is not a local directory, and the Hub could not provide it" in result.stdout
+
+
+def _resized_target(pair, factor: int = 2):
+    """The tiny target with a wider LM (and so wider projected image features): 'another size' of the family."""
+    config = copy.deepcopy(pair.target.config)
+    config.text_config.hidden_size *= factor
+    if config.model_type == "qwen2_5_vl":
+        config.vision_config.out_hidden_size = config.text_config.hidden_size
+    torch.manual_seed(0)
+    return type(pair.target)(config).eval()
+
+
+def test_drafter_for_another_target_size_is_refused_on_load(tiny_pair, drafter, tmp_path):
+    path = drafter.save_pretrained(tmp_path / "final")
+    bigger = _resized_target(tiny_pair)
+    width = drafter.config.vision_feature_dim
+    with pytest.raises(DrafterMismatchError, match=rf"vision feature width: drafter {width}, target {2 * width}"):
+        MultimodalDrafter.from_pretrained(path, target=bigger)
+    other_family = build_tiny_pair("gemma3" if drafter.config.family == "qwen2_5_vl" else "qwen2_5_vl").target
+    with pytest.raises(DrafterMismatchError, match="was trained for a"):
+        MultimodalDrafter.from_pretrained(path, target=other_family)
+
+
+def test_broken_drafter_directories_say_what_and_where(tiny_pair, drafter, tmp_path):
+    path = drafter.save_pretrained(tmp_path / "final")
+    projector = path / "projector.safetensors"
+    projector.write_bytes(projector.read_bytes()[:-7])
+    with pytest.raises(CorruptFileError, match=rf"{projector} is not a complete safetensors file"):
+        MultimodalDrafter.from_pretrained(path, target=tiny_pair.target)
+    checkpoint = tmp_path / "checkpoint-5"
+    checkpoint.mkdir()
+    (checkpoint / "train_state.json").write_text("{}")
+    with pytest.raises(InputError, match=r"checkpoint-5 is a training checkpoint, not a drafter: .*massv export"):
+        MultimodalDrafter.from_pretrained(checkpoint)
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        MultimodalDrafter.from_pretrained(tmp_path / "nowhere" / "final")

@@ -71,7 +71,7 @@ def _check_outputs(tmp_path: Path) -> None:
     assert not torch.equal(phase1["language_model.model.embed_tokens.weight"],
                            uninterrupted["language_model.model.embed_tokens.weight"])
     checkpoints = sorted(path.name for path in (tmp_path / "phase2_resumed").iterdir() if path.name.startswith("checkpoint-"))
-    assert checkpoints == ["checkpoint-4"]  # interrupted after step 3 (latest: 2), resumed, saved 4, finished 6
+    assert checkpoints == ["checkpoint-6"]  # interrupted after step 3 (latest: 2), resumed, finished 6: the final step is checkpointed
 
 
 def test_two_processes_phase1_distill_phase2_with_text_only_batches_and_exact_resume(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator
 
 from massv.benchmarks import chartqa, coco, gqa, llava, llava_bench, mmmu, scienceqa, textvqa
 from massv.benchmarks.common import BenchmarkFileError, BenchmarkSample
+from massv.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def _detect_file(path: Path) -> tuple[str, Path, str | None]:
         return "mmmu", path.parent, name.split("-", 1)[0]
     if path.suffix in llava.SUFFIXES:
         return "llava", path, None
-    raise ValueError(
+    raise InputError(
         f"Cannot tell the benchmark format of {path}: expected a known annotation file "
         f"({coco.ANNOTATION_FILE}, {llava_bench.QUESTIONS_FILE}, {scienceqa.PROBLEMS_FILE}, "
         "<split>_balanced_questions.json, TextVQA_0.5.1_<split>.json, <split>/<split>_human.json, "
@@ -98,7 +99,7 @@ def _detect_directory(directory: Path) -> str:
     for spec in BENCHMARKS.values():
         if any(next(directory.glob(marker), None) is not None for marker in spec.markers):
             return spec.name
-    raise ValueError(
+    raise InputError(
         f"Cannot tell which benchmark {directory} holds: none of the expected files is there. "
         + "; ".join(f"{spec.name}: {' or '.join(spec.markers)}" for spec in BENCHMARKS.values() if spec.markers)
     )
@@ -113,7 +114,7 @@ def resolve_benchmark(name: str, root: Path | str | None = None) -> tuple[Benchm
     key = name.strip().lower()
     if key in BENCHMARKS:
         if root is None:
-            raise ValueError(f"Benchmark {name!r} needs a data root (the folder holding its files)")
+            raise InputError(f"Benchmark {name!r} needs a data root (the folder holding its files)")
         return BENCHMARKS[key], Path(root).expanduser().absolute(), None
 
     path = Path(name).expanduser()
@@ -126,7 +127,7 @@ def resolve_benchmark(name: str, root: Path | str | None = None) -> tuple[Benchm
         return BENCHMARKS[_detect_directory(path)], path.absolute(), None
     if "/" in name or name.endswith((".json", ".jsonl", ".parquet")):
         raise BenchmarkFileError(f"Benchmark path {name!r} does not exist (looked at {path.absolute()})")
-    raise ValueError(
+    raise InputError(
         f"Unknown benchmark {name!r}. Supported: {', '.join(SUPPORTED_BENCHMARKS)}; "
         "or pass a path to a benchmark folder or a LLaVA-format .json/.jsonl file"
     )
@@ -137,6 +138,7 @@ def _checked_samples(
     spec: BenchmarkSpec,
     limit: int | None,
     skip_missing_images: bool,
+    skipped: list[BenchmarkSample] | None = None,
 ) -> Iterator[BenchmarkSample]:
     """Enforce the image-exists contract and the limit, counting only usable samples toward it."""
     missing = 0
@@ -149,9 +151,12 @@ def _checked_samples(
                 if not skip_missing_images:
                     raise BenchmarkFileError(
                         f"{spec.title} sample {sample.sample_id}: image not found at {sample.image_path} "
-                        "(pass skip_missing_images=True to leave such samples out)"
+                        "(massv eval --skip-bad-images, or skip_missing_images=True, leaves such samples out "
+                        "and counts them)"
                     )
                 missing += 1
+                if skipped is not None:
+                    skipped.append(sample)
                 continue
             yield sample
             taken += 1
@@ -170,6 +175,7 @@ def iter_benchmark(
     *,
     skip_missing_images: bool = False,
     cache_dir: Path | str | None = None,
+    skipped: list[BenchmarkSample] | None = None,
 ) -> Iterator[BenchmarkSample]:
     """Lazy form of `load_benchmark`: with a limit, only that many images are read or decoded."""
     if limit is not None and limit < 0:
@@ -179,7 +185,7 @@ def iter_benchmark(
     data_dir = data_root if data_root.is_dir() else data_root.parent
     cache_path = Path(cache_dir).expanduser().absolute() if cache_dir is not None else data_dir / ".massv_cache"
     logger.info("Benchmark %s (split %s) from %s", spec.name, split, data_root)
-    return _checked_samples(spec.iter_samples(data_root, split, cache_path), spec, limit, skip_missing_images)
+    return _checked_samples(spec.iter_samples(data_root, split, cache_path), spec, limit, skip_missing_images, skipped)
 
 
 def load_benchmark(
@@ -190,6 +196,7 @@ def load_benchmark(
     *,
     skip_missing_images: bool = False,
     cache_dir: Path | str | None = None,
+    skipped: list[BenchmarkSample] | None = None,
 ) -> list[BenchmarkSample]:
     """Load up to `limit` samples of a benchmark (a name in SUPPORTED_BENCHMARKS, or a path).
 
@@ -197,10 +204,11 @@ def load_benchmark(
     A sample whose image is missing raises `BenchmarkFileError` unless `skip_missing_images`,
     which drops it and logs the count: a silently shrunken benchmark would skew comparisons.
     `cache_dir` (default `<root>/.massv_cache`) receives images decoded from parquet (MMMU).
+    `skipped`, when given, receives the samples left out for a missing image.
     """
     samples = list(
         iter_benchmark(
-            name, root, split, limit, skip_missing_images=skip_missing_images, cache_dir=cache_dir
+            name, root, split, limit, skip_missing_images=skip_missing_images, cache_dir=cache_dir, skipped=skipped
         )
     )
     logger.info("Loaded %d samples", len(samples))

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from massv.errors import CorruptFileError, MissingInputError
+from massv.io import read_json as _read_json
+
 # Instructions appended to the question, worded as in the LLaVA-1.5 evaluation files, so the
 # target model answers in the length regime the benchmark was designed for.
 SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
@@ -29,7 +32,7 @@ class BenchmarkSample:
     reference: str | None  # reference answer/caption where the format ships one
 
 
-class BenchmarkFileError(FileNotFoundError):
+class BenchmarkFileError(MissingInputError):
     """A benchmark file or image is missing; the message says which, where, and how to get it."""
 
 
@@ -42,20 +45,25 @@ def require_file(path: Path, benchmark: str, hint: str) -> Path:
 
 
 def read_json(path: Path) -> Any:
-    with path.open("r", encoding="utf-8") as handle:
-        return json.load(handle)
+    """Parsed JSON; a file in another encoding than UTF-8, or broken JSON, names the file and the line."""
+    return _read_json(path, "benchmark file")
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     """Yield one record per non-blank line; a broken line names its line number."""
-    with path.open("r", encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise CorruptFileError(f"benchmark file {path} is not UTF-8 text (byte 0x{raw[error.start]:02x} at "
+                                       f"line {line_number}): re-save it as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 yield json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({error})") from error
+                raise CorruptFileError(f"{path}:{line_number}: not valid JSON ({error})") from error
 
 
 def short_answer_prompt(question: str) -> str:

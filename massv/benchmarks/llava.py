@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from massv.benchmarks.common import BenchmarkFileError, BenchmarkSample, read_json, read_jsonl
+from massv.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ def read_records(path: Path) -> Iterator[dict[str, Any]]:
         return
     records = read_json(path)
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of LLaVA records, got {type(records).__name__}")
+        raise InputError(f"{path}: expected a JSON list of LLaVA records, got {type(records).__name__}")
     yield from records
 
 
@@ -58,7 +59,7 @@ def iter_file(path: Path) -> Iterator[BenchmarkSample]:
         conversations = record.get("conversations") or []
         human_text = first_turn(conversations, "human")
         if human_text is None:
-            raise ValueError(f"{path}: record {record.get('id', index)!r} has no human turn")
+            raise InputError(f"{path}: record {record.get('id', index)!r} has no human turn")
         yield BenchmarkSample(
             sample_id=str(record.get("id", index)),
             image_path=resolve_image(base_dir, image),

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterator
 
 from massv.benchmarks.common import BenchmarkSample, multiple_choice_prompt, option_letter, read_json, require_file
+from massv.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def iter_samples(root: Path, split: str, cache_dir: Path) -> Iterator[BenchmarkS
     if splits_path.is_file():
         split_ids = read_json(splits_path)
         if split not in split_ids:
-            raise ValueError(f"ScienceQA split {split!r} not in {splits_path}; it has {sorted(split_ids)}")
+            raise InputError(f"ScienceQA split {split!r} not in {splits_path}; it has {sorted(split_ids)}")
         problem_ids = [str(pid) for pid in split_ids[split]]
     else:
         problem_ids = [pid for pid, problem in problems.items() if problem.get("split") == split]

@@ -166,7 +166,10 @@ def _load_records(config: RunConfig, data: str | None, image_root: str | None) -
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `massv compress`."""
-    parser = argparse.ArgumentParser(prog="massv compress", description=__doc__.split("\n\n")[0])
+    from massv.cli import HelpFormatter, add_device_arguments, add_override_argument
+
+    parser = argparse.ArgumentParser(prog="massv compress", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--config", required=True, help="run config YAML with a 'compress' section")
     parser.add_argument("--drafter", help="trained MASSV drafter directory (default: <phase2.output_dir>/final)")
     parser.add_argument("--out", help="output directory (default: <drafter or phase2.output_dir>-<method tag>, e.g. outputs/phase2-drop2)")
@@ -175,22 +178,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context-length", type=int, help="context length for MACs (default: mean calibration length)")
     parser.add_argument("--tokens", choices=("last", "all"), default="last",
                         help="angular distance on each sample's last token (the paper's choice) or all tokens")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. compress.sparsity=0.7")
+    add_device_arguments(parser, from_config=True)
+    add_override_argument(parser, "compress.sparsity=0.7")
     args = parser.parse_args(argv)
 
     from massv.config import load_config, save_resolved_config
-    from massv.loading import load_target
+    from massv.errors import InputError
+    from massv.loading import input_device, load_target, resolve_placement
+    from massv.preflight import check_data_file, check_directory, check_distilled_dir, check_drafter_dir, check_models
     from massv.train.builders import build_train_dataset, final_dir
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.override)
     if config.compress is None:
-        parser.error(f"{args.config} has no 'compress' section")
-    target, processor = load_target(config.model.target, config.model.torch_dtype, args.device)
+        raise InputError(f"{args.config} has no 'compress' section: add one, or pass e.g. --override "
+                         "compress.method=layer_prune compress.num_layers_to_drop=1")
     # Phase 2 writes its finished drafter to <phase2.output_dir>/final; the output defaults to a sibling.
     named = Path(args.drafter) if args.drafter else Path(config.phase2.output_dir)
     drafter_path = named if args.drafter else final_dir(named)
-    drafter = MultimodalDrafter.from_pretrained(drafter_path, target=target).to(args.device)
+    # ---- every input checked before the target is built ----
+    dtype = args.dtype or config.model.torch_dtype
+    device = resolve_placement(args.device, dtype).device  # one device: calibration and recovery run there
+    check_models(config, with_drafter_lm=False)
+    check_drafter_dir(drafter_path, "--drafter")
+    if args.data is None:
+        check_distilled_dir(config.data.distilled_dir)
+    elif Path(args.data).is_dir():
+        check_distilled_dir(args.data, "--data")
+    else:
+        check_data_file(args.data, "--data")
+    if args.image_root:
+        check_directory(args.image_root, "--image-root")
+    target, processor = load_target(config.model.target, dtype, device)
+    drafter = MultimodalDrafter.from_pretrained(drafter_path, target=target).to(input_device(target))
     # Calibrate and fine-tune in float32 (Wanda's norms, AdamW updates); save in the dtype it came in.
     saved_dtype = drafter.dtype
     drafter.language_model.float()

@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import statistics
 import tempfile
 import time
@@ -40,6 +39,7 @@ import torch
 from massv.compress.calibration import Sample, prepare_batches
 from massv.compress.recipe import mean_sequence_length
 from massv.compress.table import DEFAULT_VARIANTS, CompressionRow, Variant, compression_table
+from massv.io import discard_staging, publish_directory
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +113,9 @@ def train_study_text_lm(recipe: Any, tokenizer: Any, directory: Path, progress: 
         info = {"recipe_hash": recipe.hash(), "recipe": recipe.to_dict(), "seconds": time.perf_counter() - started,
                 "final_loss": statistics.fmean(losses[-50:])}
         (staging / STUDY_LM_MARKER).write_text(json.dumps(info, indent=2) + "\n")
-        shutil.rmtree(directory, ignore_errors=True)  # ours: an unfinished or stale copy under the study's key
-        os.replace(staging, directory)
+        publish_directory(staging, directory)  # replaces an unfinished or stale copy under the study's key
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard_staging(staging)
         raise
     return text_lm.eval()
 

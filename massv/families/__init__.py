@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from massv.errors import MassvError
 from massv.families.base import VISION_FEATURE_CHOICES, FamilyAdapter
 from massv.families.gemma3 import Gemma3Adapter
 from massv.families.qwen2_5_vl import Qwen2_5_VLAdapter
@@ -18,7 +19,7 @@ _ADAPTERS: dict[str, type[FamilyAdapter]] = {
 SUPPORTED_FAMILIES: tuple[str, ...] = tuple(sorted(_ADAPTERS))
 
 
-class UnsupportedFamilyError(ValueError):
+class UnsupportedFamilyError(MassvError, ValueError):
     """The target VLM's architecture has no adapter; the message lists the ones that exist."""
 
 

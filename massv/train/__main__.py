@@ -13,17 +13,20 @@ import os
 import sys
 from collections.abc import Sequence
 
+from massv.cli import HelpFormatter, add_override_argument, configure_logging
 from massv.config import load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="massv train", description="Train a MASSV drafter: phase 1 (projector "
-                                     "pretraining) or phase 2 (self-distilled instruction tuning).")
+                                     "pretraining) or phase 2 (self-distilled instruction tuning).",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--config", required=True, help="run config YAML")
     parser.add_argument("--phase", required=True, choices=("1", "2"), help="1: projector; 2: projector + LM")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="config overrides, e.g. phase1.max_steps=100 data.max_length=1024")
+    parser.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"), default=None,
+                        help="continue from the latest checkpoint in output_dir; an error if there is none "
+                        "(a mistyped output_dir?). '--resume auto': continue if there is one, else start fresh")
+    add_override_argument(parser, "phase1.max_steps=100 data.max_length=1024")
     return parser
 
 
@@ -33,13 +36,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Not accelerate's PartialState here: created before the recipe's Accelerator it would fix the distributed
     # setup without the launcher's CPU flag. The launcher's LOCAL_RANK says which process logs.
     main_process = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging(logging.INFO if main_process else logging.WARNING)
     config = load_config(args.config, args.override)
     from massv.train import train_phase
+    from massv.preflight import check_training_inputs
 
-    result = train_phase(config, int(args.phase), resume=args.resume)
+    resume = {"yes": True, "auto": "auto", None: False}[args.resume]
+    check_training_inputs(config, int(args.phase), resume)  # data, models, output_dir: before any model loads
+    result = train_phase(config, int(args.phase), resume=resume)
     if main_process and result.final_path is not None:
         logging.getLogger("massv.train").info("final drafter: %s", result.final_path)
     from accelerate import PartialState
@@ -49,4 +53,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from massv.cli import run_main
+
+    sys.exit(run_main("train", main))

@@ -21,17 +21,17 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from massv.config import ModelConfig, RunConfig
 from massv.drafter import MultimodalDrafter
-from massv.loading import check_drafter_tokenizer
+from massv.loading import TINY_PREFIX, load_causal_lm, load_target, resolve_dtype
 from massv.train.llava_data import LoadReport, load_llava_records
 
 logger = logging.getLogger(__name__)
 
-TINY_PREFIX = "tiny:"
 FINAL_DIR = "final"
 
 
 def _dtype(name: str) -> torch.dtype | str:
-    return "auto" if name == "auto" else getattr(torch, name)
+    """"auto" stays "auto" (as saved / as trained); any other name through the one resolver, massv.loading."""
+    return "auto" if name == "auto" else resolve_dtype(name)
 
 
 def _tiny_family(model_config: ModelConfig) -> str | None:
@@ -64,18 +64,19 @@ def build_models(model_config: ModelConfig, device: str | torch.device | None = 
                 if model is not None:
                     model.to(dtype=_dtype(model_config.torch_dtype))
     else:
-        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+        from massv.loading import check_drafter_tokenizer
 
-        kwargs: dict[str, Any] = {"dtype": _dtype(model_config.torch_dtype)}
-        if model_config.attn_implementation:
-            kwargs["attn_implementation"] = model_config.attn_implementation
-        logger.info("loading target %s", model_config.target)
-        target = AutoModelForImageTextToText.from_pretrained(model_config.target, **kwargs)
-        processor = AutoProcessor.from_pretrained(model_config.target)
+        # Loaded on the CPU (see above), in the dtype the computation will use: "auto" resolves for the device
+        # training runs on (bfloat16 on CUDA, float32 on the CPU).
+        compute_device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = resolve_dtype(model_config.torch_dtype, compute_device)
+        target, processor = load_target(model_config.target, dtype=dtype, device="cpu",
+                                        attn_implementation=model_config.attn_implementation)
         drafter_lm = None
         if with_drafter_lm:
             logger.info("loading drafter LM %s", model_config.drafter_lm)
-            drafter_lm = AutoModelForCausalLM.from_pretrained(model_config.drafter_lm, **kwargs)
+            drafter_lm = load_causal_lm(model_config.drafter_lm, dtype=dtype, device="cpu",
+                                        attn_implementation=model_config.attn_implementation)
             check_drafter_tokenizer(model_config.drafter_lm, processor.tokenizer)
     if model_config.family is not None and target.config.model_type != model_config.family:
         raise ValueError(f"model.family is {model_config.family!r} but {model_config.target} is a "

@@ -64,8 +64,10 @@ from transformers import GenerationConfig, PreTrainedModel, ProcessorMixin
 
 from massv.chat import encode_rendered
 from massv.config import RunConfig, load_config
+from massv.errors import MassvError
 from massv.families import FamilyAdapter, get_adapter
 from massv.generation_settings import GenerationSettings, resolve_generation_settings
+from massv.io import atomic_write_json
 from massv.train.data import build_messages, render_prompt
 from massv.train.llava_data import (
     GPT,
@@ -89,11 +91,11 @@ SETTINGS_KEYS = ("target", "family", "source", "image_root", "num_records", "rec
                  "all_turns", "shard_size", "seed")
 
 
-class DistillSettingsError(ValueError):
+class DistillSettingsError(MassvError, ValueError):
     """The output directory was started with other settings; continuing would mix two distributions."""
 
 
-class DistillIncompleteError(RuntimeError):
+class DistillIncompleteError(MassvError, RuntimeError):
     """Phase 2 was pointed at self-distillation output that is not finished."""
 
 
@@ -218,15 +220,7 @@ def _records_fingerprint(records: Dataset) -> str:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_json(path, data)
 
 
 def check_or_write_manifest(output_dir: Path, manifest: dict[str, Any]) -> None:
@@ -472,20 +466,23 @@ def load_distilled_records(distilled_dir: str | os.PathLike[str], image_root: st
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from massv.cli import HelpFormatter, add_device_arguments, add_override_argument
+
     parser = argparse.ArgumentParser(
         prog="massv distill",
         description="Have the target VLM answer the instruction prompts (phase-2 self-distillation data). "
-        "Resumable: rerun the same command after an interruption.",
+        "Resumable: rerun the same command after an interruption.", formatter_class=HelpFormatter,
     )
     parser.add_argument("--config", required=True, help="run config YAML (model, data, distill sections)")
-    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="config overrides, e.g. distill.batch_size=16 data.distilled_dir=data/x")
+    add_override_argument(parser, "distill.batch_size=16 data.distilled_dir=data/x")
+    add_device_arguments(parser, from_config=True)
     parser.add_argument("--max-items", type=int, default=None,
                         help="stop after answering this many records (smoke test); rerun to continue")
     return parser
 
 
-def run_distillation(config: RunConfig, max_items: int | None = None) -> DistillResult:
+def run_distillation(config: RunConfig, max_items: int | None = None,
+                     device: torch.device | str | None = None) -> DistillResult:
     """`massv distill` in this process of the launch (every process of a launch calls it).
 
     The processes agree on a launch id once, at the start; after that they never wait for each other.
@@ -500,16 +497,24 @@ def run_distillation(config: RunConfig, max_items: int | None = None) -> Distill
     launch = [uuid.uuid4().hex]
     if state.num_processes > 1:
         broadcast_object_list(launch)  # the main process's id, so claims of this launch share one folder
-    return generate_responses(config, max_items=max_items, device=state.device, process_index=state.process_index,
+    return generate_responses(config, max_items=max_items, device=device or state.device,
+                              process_index=state.process_index,
                               num_processes=state.num_processes, launch_id=launch[0])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`massv distill`: generate (or finish generating) the target's answers for phase 2."""
+    from massv.cli import configure_logging
+    from massv.loading import resolve_device
+    from massv.preflight import check_distill_inputs
+
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = run_distillation(load_config(args.config, args.override), max_items=args.max_items)
+    configure_logging()
+    overrides = list(args.override) + ([f"model.torch_dtype={args.dtype}"] if args.dtype else [])
+    config = load_config(args.config, overrides)
+    check_distill_inputs(config)  # prompts, images, target name: before the target is built
+    device = None if args.device == "auto" else resolve_device(args.device)[0]
+    result = run_distillation(config, max_items=args.max_items, device=device)
     if not result.complete:
         logger.info("stopped after %d records (--max-items); rerun the same command to continue", result.generated)
     from accelerate import PartialState
@@ -519,4 +524,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from massv.cli import run_main
+
+    raise SystemExit(run_main("distill", main))

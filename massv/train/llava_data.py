@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,6 +33,9 @@ from typing import Any
 
 from datasets import Dataset, Features, List, Value
 from PIL import Image
+
+from massv.errors import MassvError
+from massv.io import atomic_write, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ LLAVA_FEATURES = Features(
 MAX_LOGGED_IDS = 10
 
 
-class LlavaDataError(Exception):
+class LlavaDataError(MassvError):
     """Base class for problems with LLaVA-format data."""
 
 
@@ -145,7 +147,7 @@ def load_image(path: str | os.PathLike[str], sample_id: str | None = None) -> Im
 def read_llava_file(json_path: str | os.PathLike[str]) -> list[Any]:
     """Raw records of a LLaVA JSON list or JSONL file (told apart by the first character, not the name)."""
     path = Path(json_path)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "LLaVA data file")
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
@@ -334,19 +336,9 @@ def write_llava_jsonl(records: Iterable[Mapping[str, Any]], path: str | os.PathL
     Returns the number of records written. Records are written as given; `load_llava_records` reads
     them back whether they carry a relative or an absolute ``image``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(dict(record), ensure_ascii=False) + "\n")
-                count += 1
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as handle:  # ordinary file modes, removed on failure
+        for record in records:
+            handle.write(json.dumps(dict(record), ensure_ascii=False) + "\n")
+            count += 1
     return count

@@ -13,8 +13,13 @@ Checkpoints (`<output_dir>/checkpoint-<step>/`, every `save_every_steps` optimiz
     rng_state_<rank>.pt     Python / NumPy / torch (CPU and CUDA) RNG states of every process
     train_state.json        step, epoch, micro-batches consumed in that epoch, and the data-order fingerprint
 
-A checkpoint is written into a hidden temporary directory and renamed into place, so a job killed mid-save
-leaves the previous checkpoint intact and never a half one. `resume=True` reloads the newest checkpoint,
+The final step is always checkpointed, so resuming a finished run trains nothing. A checkpoint is written
+into a hidden staging directory and renamed into place (`massv.io`), so a job killed mid-save leaves the
+previous checkpoint intact and never a half one, and a failed save (a full disk) removes its staging
+directory. `resume=True` reloads the newest checkpoint that reads back whole (a corrupt newest one is skipped
+with a warning, for the one before), and refuses when there is none; `resume="auto"` starts fresh then.
+Each log line also goes to `<output_dir>/metrics.jsonl` (step, loss, learning rate, tokens/s), and to the
+trackers of `report_to` through Accelerate. A resumed run
 replays the same seeded data order and skips the micro-batches already consumed
 (`accelerator.skip_first_batches`); on CPU the resumed run ends with bit-identical weights to an
 uninterrupted one (tested). The data loader draws from its own seeded generator, never from the global RNG,
@@ -41,22 +46,33 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 from safetensors.torch import load_file, save_file
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from massv.config import TrainingConfig
 from massv.train.batching import build_dataloader, resolve_accumulation
+from massv.errors import InputError, MassvError
+from massv.io import discard_staging, load_safetensors, prepare_staging, publish_directory, staging_path
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAIN_STATE_NAME = "train_state.json"
 TRAINABLE_WEIGHTS = "trainable.safetensors"
+METRICS_NAME = "metrics.jsonl"
+# pip package of each Accelerate tracker, for the message when one is asked for but not installed.
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet-ml",
+                    "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
 
 
-class ResumeError(RuntimeError):
-    """A checkpoint cannot continue this run (other data order, batch layout or process count)."""
+class ResumeError(MassvError, RuntimeError):
+    """A checkpoint cannot continue this run (other data order, batch layout or process count), or there is
+    none to continue from, or the output directory already holds a run that was not asked to be resumed."""
+
+
+class CorruptCheckpointError(MassvError, RuntimeError):
+    """A checkpoint's files do not read back whole (cut short by a full disk or a killed copy)."""
 
 
 @dataclass
@@ -122,17 +138,11 @@ def make_accelerator(cfg: TrainingConfig) -> Accelerator:
     from accelerate.utils import InitProcessGroupKwargs, is_tensorboard_available
 
     refuse_sharded_training()
-    log_with = None
-    if cfg.tensorboard:
-        if is_tensorboard_available():
-            log_with = "tensorboard"
-        else:
-            logger.warning("tensorboard: true, but TensorBoard is not installed (pip install tensorboard); "
-                           "logging to the console only")
+    trackers = check_trackers(cfg)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with=log_with,
+        log_with=trackers or None,
         project_dir=cfg.output_dir,
         # Seeded sampler: epoch e always visits the data in the same order, which is what makes resuming exact.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -142,6 +152,28 @@ def make_accelerator(cfg: TrainingConfig) -> Accelerator:
     refuse_sharded_training(accelerator.distributed_type)
     accelerator.gradient_accumulation_steps = resolve_accumulation(cfg, accelerator.num_processes).gradient_accumulation_steps
     return accelerator
+
+
+def check_trackers(cfg: TrainingConfig) -> list[str]:
+    """The installed trackers among `report_to`; one that is named but not installed is an error.
+
+    The legacy `tensorboard: true` only warns when TensorBoard is missing, as it always did.
+    """
+    from accelerate.tracking import get_available_trackers
+
+    available = {str(getattr(tracker, "value", tracker)) for tracker in get_available_trackers()}
+    explicit = [cfg.report_to] if isinstance(cfg.report_to, str) else list(cfg.report_to or [])
+    chosen = []
+    for name in cfg.trackers():
+        if name == "all" or name in available:
+            chosen.append(name)
+        elif name in explicit:
+            raise InputError(f"report_to names {name}, which is not installed: pip install {TRACKER_PACKAGES[name]} "
+                             f"(or remove it from report_to; {METRICS_NAME} is written in any case)")
+        else:
+            logger.warning("tensorboard: true, but TensorBoard is not installed (pip install tensorboard); "
+                           "logging to the console and %s only", METRICS_NAME)
+    return chosen
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -167,13 +199,15 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.
 
 
 def train_loop(accelerator: Accelerator, model: torch.nn.Module, dataset: Dataset, collate_fn: Callable,
-               cfg: TrainingConfig, *, resume: bool = False, num_workers: int = 0,
+               cfg: TrainingConfig, *, resume: bool | str = False, num_workers: int = 0,
                stop_after_steps: int | None = None, run_name: str = "train",
                tracker_config: Mapping[str, Any] | None = None) -> TrainResult:
     """Train `model` (its `requires_grad` weights) on `dataset` as `cfg` says; checkpoints go to `cfg.output_dir`.
 
-    `model(**batch)` must return an object with `.loss`. `stop_after_steps` ends the call after that many
-    optimizer steps in total (checkpoints due by then are written): an interruption, for tests.
+    `model(**batch)` must return an object with `.loss`. `resume`: False starts a new run (refused if
+    `output_dir` holds checkpoints), True continues the newest readable checkpoint (refused if there is
+    none), "auto" continues one if there is one. `stop_after_steps` ends the call after that many optimizer
+    steps in total (checkpoints due by then are written): an interruption, for tests.
     """
     output_dir = Path(cfg.output_dir)
     cfg = resolve_accumulation(cfg, accelerator.num_processes)
@@ -193,14 +227,20 @@ def train_loop(accelerator: Accelerator, model: torch.nn.Module, dataset: Datase
                    "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "num_processes": num_processes,
                    "seed": cfg.seed, "max_steps": max_steps, "max_tokens_per_batch": cfg.max_tokens_per_batch}
     state = TrainState(fingerprint=fingerprint)
-    latest = latest_checkpoint(output_dir)
-    if resume and latest is not None:
-        state = load_checkpoint(latest, accelerator, model, optimizer, scheduler, fingerprint)
+    check_output_dir(output_dir, resume)
+    if accelerator.is_main_process:
+        remove_stale_staging(output_dir)
+    if resume and checkpoint_dirs(output_dir):
+        state = resume_from_latest(output_dir, accelerator, model, optimizer, scheduler, fingerprint)
     elif resume:
-        logger.warning("--resume: no checkpoint in %s, starting from the beginning", output_dir)
-    elif latest is not None:
-        raise ResumeError(f"{output_dir} already holds {latest.name}: pass --resume to continue that run, or choose "
-                          "another output_dir (or delete it) to start over")
+        logger.info("--resume auto: no checkpoint in %s, starting from the beginning", output_dir)
+    metrics_path = output_dir / METRICS_NAME
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        keep_metrics_through(metrics_path, state.step)
+    if state.step >= max_steps:
+        logger.info("%s: %s already finished at step %d of %d; nothing to train", run_name, output_dir, state.step,
+                    max_steps)
     if tracker_config is not None and accelerator.log_with:
         accelerator.init_trackers(run_name, config=_scalar_config(tracker_config))
     logger.info("%s: %d examples, %d optimizer steps (%d per epoch), %d process(es) x batch %d x accumulation %d",
@@ -239,8 +279,9 @@ def train_loop(accelerator: Accelerator, model: torch.nn.Module, dataset: Datase
             step_loss, step_micro = torch.zeros((), device=accelerator.device), 0
             progress.update(1)
             if state.step % cfg.log_every_steps == 0 or state.step == max_steps:
-                _log(accelerator, window, scheduler.get_last_lr()[0], state.step, progress)
-            if cfg.save_every_steps and state.step % cfg.save_every_steps == 0 and state.step < max_steps:
+                _log(accelerator, window, scheduler.get_last_lr()[0], state, progress, metrics_path)
+            due = bool(cfg.save_every_steps) and state.step % cfg.save_every_steps == 0
+            if due or state.step == max_steps:  # the final step always: resuming a finished run trains nothing
                 save_checkpoint(output_dir, state, accelerator, model, optimizer, scheduler, cfg.keep_last_checkpoints)
             if state.step >= max_steps or (stop_after_steps is not None and state.step >= stop_after_steps):
                 break
@@ -253,17 +294,40 @@ def train_loop(accelerator: Accelerator, model: torch.nn.Module, dataset: Datase
     return TrainResult(state=state, max_steps=max_steps, step_losses=losses, finished=state.step >= max_steps)
 
 
-def _log(accelerator: Accelerator, window: dict[str, Any], lr: float, step: int, progress: tqdm) -> None:
-    """Loss (mean over the window's micro-batches and processes), learning rate and tokens/s since the last log."""
+def _log(accelerator: Accelerator, window: dict[str, Any], lr: float, state: TrainState, progress: tqdm,
+         metrics_path: Path) -> None:
+    """Loss (mean over the window's micro-batches and processes), learning rate and tokens/s since the last log:
+    to the console, the trackers and `metrics.jsonl`."""
     elapsed = max(time.perf_counter() - window["start"], 1e-9)
     loss = accelerator.reduce(window["loss"] / max(window["micro"], 1), reduction="mean").item()
     tokens = accelerator.reduce(window["tokens"], reduction="sum").item()
     metrics = {"train/loss": loss, "train/lr": lr, "train/tokens_per_second": tokens / elapsed}
-    logger.info("step %d: loss %.4f, lr %.3g, %.0f tokens/s", step, loss, lr, tokens / elapsed)
+    logger.info("step %d: loss %.4f, lr %.3g, %.0f tokens/s", state.step, loss, lr, tokens / elapsed)
     progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-    accelerator.log(metrics, step=step)
+    accelerator.log(metrics, step=state.step)
+    if accelerator.is_main_process:
+        record = {"step": state.step, "epoch": state.epoch, "loss": loss, "learning_rate": lr,
+                  "tokens_per_second": tokens / elapsed, "time": time.time()}
+        with metrics_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
     window.update(loss=torch.zeros_like(window["loss"]), micro=0, tokens=torch.zeros_like(window["tokens"]),
                   start=time.perf_counter())
+
+
+def keep_metrics_through(metrics_path: Path, step: int) -> None:
+    """Drop `metrics.jsonl` lines past `step` (a resumed run logs those steps again; a new run starts empty)."""
+    if not metrics_path.exists():
+        return
+    kept = []
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line torn by a kill mid-write
+    from massv.io import atomic_write_text
+
+    atomic_write_text(metrics_path, "".join(kept))
 
 
 def _scalar_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -318,29 +382,63 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def check_output_dir(output_dir: str | os.PathLike[str], resume: bool | str) -> None:
+    """Refuse an output directory whose state does not fit `resume`, before anything is built or trained.
+
+    No `resume` over existing checkpoints would silently restart (and later overwrite) a run; `resume=True`
+    with no checkpoint is usually a mistyped `output_dir`, and would silently start from scratch.
+    """
+    output_dir = Path(output_dir)
+    found = checkpoint_dirs(output_dir)
+    if found and not resume:
+        raise ResumeError(f"{output_dir} already holds {found[-1].name}: pass --resume to continue that run, or "
+                          "choose another output_dir (or delete it) to start over")
+    if resume is True and not found:
+        where = "does not exist" if not output_dir.exists() else "holds no checkpoint-<step>/"
+        raise ResumeError(f"--resume: nothing to resume, {output_dir} {where}. Check output_dir (a typo?); to start "
+                          "a new run there drop --resume, or pass --resume auto to continue if possible and start "
+                          "fresh otherwise")
+
+
+def remove_stale_staging(output_dir: Path) -> None:
+    """Staging directories of saves killed mid-way (SIGKILL leaves no chance to clean up) are never read: drop them."""
+    if not output_dir.is_dir():
+        return
+    for path in output_dir.glob(f".{CHECKPOINT_PREFIX}*"):
+        if path.is_dir() and path.name.endswith((".staging", ".tmp", ".old")):
+            logger.info("removing %s, left by an interrupted save", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def save_checkpoint(output_dir: Path, state: TrainState, accelerator: Accelerator, model: torch.nn.Module,
                     optimizer: Any, scheduler: Any, keep_last: int | None) -> Path:
-    """Write `checkpoint-<step>` atomically (temporary directory + rename) and drop the oldest beyond `keep_last`."""
+    """Write `checkpoint-<step>` atomically (staging directory + rename) and drop the oldest beyond `keep_last`.
+
+    A failed write (a full disk, an interrupt) removes the staging directory and re-raises: the previous
+    checkpoints stay as they were and nothing half-written is left.
+    """
     final = output_dir / f"{CHECKPOINT_PREFIX}{state.step}"
-    staging = output_dir / f".{final.name}.tmp"
+    staging = staging_path(final)  # a fixed name: every process writes its RNG state into it
     if accelerator.is_main_process:
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
+        prepare_staging(staging)
     accelerator.wait_for_everyone()
-    torch.save(_rng_state(), staging / f"rng_state_{accelerator.process_index}.pt")
+    try:
+        torch.save(_rng_state(), staging / f"rng_state_{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            weights = {name: param.detach().contiguous().cpu()
+                       for name, param in trainable_parameters(accelerator.unwrap_model(model)).items()}
+            save_file(weights, str(staging / TRAINABLE_WEIGHTS))
+            torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+            torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+            (staging / TRAIN_STATE_NAME).write_text(json.dumps(asdict(state), indent=2, sort_keys=True))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            publish_directory(staging, final)
+    except BaseException:
+        if accelerator.is_main_process:
+            discard_staging(staging)
+        raise
     if accelerator.is_main_process:
-        weights = {name: param.detach().contiguous().cpu()
-                   for name, param in trainable_parameters(accelerator.unwrap_model(model)).items()}
-        save_file(weights, str(staging / TRAINABLE_WEIGHTS))
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-        (staging / TRAIN_STATE_NAME).write_text(json.dumps(asdict(state), indent=2, sort_keys=True))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
         if keep_last is not None:
             for old in checkpoint_dirs(output_dir)[:-keep_last]:
                 shutil.rmtree(old)
@@ -349,11 +447,57 @@ def save_checkpoint(output_dir: Path, state: TrainState, accelerator: Accelerato
     return final
 
 
+@dataclass
+class _CheckpointContents:
+    """Everything a checkpoint holds, read into memory before any of it is applied (a corrupt file must not
+    leave the model half restored)."""
+
+    state: TrainState
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any]
+
+
+def read_checkpoint(path: Path, process_index: int = 0) -> _CheckpointContents:
+    """Read every file of a checkpoint, or raise `CorruptCheckpointError` naming the file that does not read."""
+    current = path / TRAIN_STATE_NAME
+    try:
+        state = TrainState(**json.loads(current.read_text(encoding="utf-8")))
+        current = path / TRAINABLE_WEIGHTS
+        weights = load_safetensors(current)
+        current = path / "optimizer.pt"
+        optimizer = torch.load(current, map_location="cpu", weights_only=True)
+        current = path / "scheduler.pt"
+        scheduler = torch.load(current, map_location="cpu", weights_only=False)
+        current = path / f"rng_state_{process_index}.pt"
+        rng = torch.load(current, map_location="cpu", weights_only=False)
+    except Exception as error:  # json, safetensors, torch's zip reader, a missing file: all mean "cut short"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CorruptCheckpointError(f"{current} does not read back ({type(error).__name__}: {reason})") from error
+    return _CheckpointContents(state, weights, optimizer, scheduler, rng)
+
+
+def resume_from_latest(output_dir: Path, accelerator: Accelerator, model: torch.nn.Module, optimizer: Any,
+                       scheduler: Any, fingerprint: Mapping[str, Any]) -> TrainState:
+    """Continue from the newest checkpoint that reads back whole; a corrupt one is skipped with a warning."""
+    found = checkpoint_dirs(output_dir)
+    for path in reversed(found):
+        try:
+            contents = read_checkpoint(path, accelerator.process_index)
+        except CorruptCheckpointError as error:
+            logger.warning("skipping %s: %s; falling back to the checkpoint before it", path.name, error)
+            continue
+        return load_checkpoint(path, accelerator, model, optimizer, scheduler, fingerprint, contents)
+    raise ResumeError(f"--resume: none of the {len(found)} checkpoint(s) in {output_dir} reads back whole "
+                      f"({', '.join(path.name for path in found)}); delete them to start over")
+
+
 def load_checkpoint(path: Path, accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, scheduler: Any,
-                    fingerprint: Mapping[str, Any]) -> TrainState:
+                    fingerprint: Mapping[str, Any], contents: _CheckpointContents | None = None) -> TrainState:
     """Restore weights, optimizer, scheduler and RNG from `path`; refuse if the data order would differ."""
-    saved = json.loads((path / TRAIN_STATE_NAME).read_text())
-    state = TrainState(**saved)
+    contents = contents or read_checkpoint(path, accelerator.process_index)
+    state = contents.state
     differences = {key: (state.fingerprint.get(key), value) for key, value in fingerprint.items()
                    if state.fingerprint.get(key) != value}
     if differences:
@@ -362,7 +506,7 @@ def load_checkpoint(path: Path, accelerator: Accelerator, model: torch.nn.Module
                           "seed and number of processes, or the data order (and the result) would differ.")
     unwrapped = accelerator.unwrap_model(model)
     params = trainable_parameters(unwrapped)
-    weights = load_file(str(path / TRAINABLE_WEIGHTS))
+    weights = contents.weights
     if set(weights) != set(params):
         missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
         raise ResumeError(f"{path} trains other weights than this run (missing {missing[:5]}, unexpected "
@@ -370,10 +514,9 @@ def load_checkpoint(path: Path, accelerator: Accelerator, model: torch.nn.Module
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(weights[name].to(device=param.device, dtype=param.dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
-    rng_file = path / f"rng_state_{accelerator.process_index}.pt"
-    _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    optimizer.load_state_dict(contents.optimizer)
+    scheduler.load_state_dict(contents.scheduler)
+    _set_rng_state(contents.rng)
     logger.info("resumed from %s: step %d, epoch %d, %d micro-batches into it", path, state.step, state.epoch,
                 state.batches_in_epoch)
     return state

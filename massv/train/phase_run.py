@@ -78,6 +78,7 @@ def save_final_drafter(config: RunConfig, phase: int, accelerator: Accelerator, 
         for module in stored_modules:
             module.to(dtype=dtype)
     drafter.eval()
+    drafter.config.training_data[f"phase{phase}"] = training_data_description(config, phase)  # the model card says
     path = final_dir(cfg.output_dir)
     if accelerator.is_main_process:
         drafter.save_pretrained(path)
@@ -88,6 +89,13 @@ def save_final_drafter(config: RunConfig, phase: int, accelerator: Accelerator, 
     for tracker in accelerator.trackers:
         tracker.finish()
     return path
+
+
+def training_data_description(config: RunConfig, phase: int) -> str:
+    """What a phase trained on, in the words of the drafter's model card."""
+    if phase == 1:
+        return f"image-caption pairs {config.data.pretrain_json}"
+    return f"the target's own answers ({config.data.distilled_dir}) to the prompts of {config.data.instruct_json}"
 
 
 def phase_config(config: RunConfig, phase: int) -> TrainingConfig:
