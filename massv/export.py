@@ -15,8 +15,6 @@ import argparse
 import logging
 from pathlib import Path
 
-import torch
-
 from massv.config import RESOLVED_CONFIG_NAME, RunConfig, load_config
 from massv.drafter import CONFIG_NAME
 from massv.errors import InputError, MissingInputError
@@ -60,7 +58,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, config: RunCon
                       phase: int | None = None) -> Path:
     """Write the drafter of `checkpoint` to `out`; `config` defaults to the run's resolved_config.yaml."""
     from massv.train.builders import keep_trainable_in_fp32, resolve_objects, storage_dtype
-    from massv.train.loop import TRAINABLE_WEIGHTS, trainable_parameters
+    from massv.train.loop import TRAINABLE_WEIGHTS, load_trainable_weights
 
     checkpoint, out = Path(checkpoint), Path(out)
     state = check_export_inputs(checkpoint, out)
@@ -84,15 +82,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, config: RunCon
 
         add_lora(drafter, lora)
     keep_trainable_in_fp32(drafter)  # as in training: the checkpoint holds float32 master weights
-    weights = load_safetensors(checkpoint / TRAINABLE_WEIGHTS)
-    params = trainable_parameters(drafter)
-    if set(weights) != set(params):
-        missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
-        raise InputError(f"{checkpoint} holds other weights than a phase-{phase} drafter of this config (missing "
-                         f"{missing[:3]}, unexpected {unexpected[:3]}): pass the right --phase or --config")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(weights[name].to(dtype=param.dtype))
+    load_trainable_weights(drafter, load_safetensors(checkpoint / TRAINABLE_WEIGHTS), lambda missing, unexpected: InputError(
+        f"{checkpoint} holds other weights than a phase-{phase} drafter of this config (missing {missing[:3]}, "
+        f"unexpected {unexpected[:3]}): pass the right --phase or --config"))
     if lora is not None:
         drafter.language_model = drafter.language_model.merge_and_unload()
     dtype = storage_dtype(config.model)  # what the phase's final/ is saved in

@@ -23,7 +23,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 # Hugging Face's documented fallbacks, used when `GenerationConfig._get_default_generation_params` is absent.
-_HF_FALLBACK_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
+# The engine resolves the extra warpers (min_p, typical_p, ε, η) from the same table.
+_HF_FALLBACK_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0, "min_p": None,
+                         "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
 
 
 @dataclass(frozen=True)

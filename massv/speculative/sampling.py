@@ -28,6 +28,8 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
+from massv.generation_settings import hf_generation_defaults
+
 # Generation-config fields `target.generate()` would act on that the engine does not reproduce. Each is
 # refused when set (in the call or the target's generation config), with the value that disables it.
 UNSUPPORTED_SETTINGS: dict[str, Any] = {
@@ -113,21 +115,6 @@ class SamplingConfig:
         if 0.0 < self.eta_cutoff < 1.0:
             warpers.append(EtaLogitsWarper(epsilon=self.eta_cutoff, min_tokens_to_keep=1, device=device))
         return warpers
-
-
-# generate()'s values when neither the call nor the generation config sets one (sampling only: greedy
-# ignores the warpers). Read from transformers where it publishes them.
-_HF_DEFAULTS: dict[str, Any] = {"top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0, "min_p": None,
-                                "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
-
-
-def hf_generation_defaults() -> dict[str, Any]:
-    """The values `generate()` falls back to when neither the call nor the generation config sets them."""
-    defaults = dict(_HF_DEFAULTS)
-    helper = getattr(GenerationConfig, "_get_default_generation_params", None)
-    if helper is not None:
-        defaults.update({key: value for key, value in helper().items() if key in defaults})
-    return defaults
 
 
 def resolve_sampling_config(generation_config: GenerationConfig | None, temperature: float,

@@ -45,8 +45,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
-from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -135,7 +135,7 @@ def make_accelerator(cfg: TrainingConfig) -> Accelerator:
     accumulation `global_batch_size` implies, TensorBoard logging only when asked for and installed."""
     from datetime import timedelta
 
-    from accelerate.utils import InitProcessGroupKwargs, is_tensorboard_available
+    from accelerate.utils import InitProcessGroupKwargs
 
     refuse_sharded_training()
     trackers = check_trackers(cfg)
@@ -174,6 +174,18 @@ def check_trackers(cfg: TrainingConfig) -> list[str]:
             logger.warning("tensorboard: true, but TensorBoard is not installed (pip install tensorboard); "
                            "logging to the console and %s only", METRICS_NAME)
     return chosen
+
+
+def load_trainable_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor],
+                           mismatch: Callable[[list[str], list[str]], Exception]) -> None:
+    """Copy a checkpoint's trainable weights into `model`; `mismatch(missing, unexpected)` is raised when the
+    names differ (another phase, other LoRA settings), before anything is copied."""
+    params = trainable_parameters(model)
+    if set(weights) != set(params):
+        raise mismatch(sorted(set(params) - set(weights)), sorted(set(weights) - set(params)))
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(weights[name].to(device=param.device, dtype=param.dtype))
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -504,16 +516,9 @@ def load_checkpoint(path: Path, accelerator: Accelerator, model: torch.nn.Module
         detail = ", ".join(f"{key}: checkpoint {old!r}, now {new!r}" for key, (old, new) in differences.items())
         raise ResumeError(f"cannot resume from {path}: {detail}. Resuming needs the same data, batch layout, "
                           "seed and number of processes, or the data order (and the result) would differ.")
-    unwrapped = accelerator.unwrap_model(model)
-    params = trainable_parameters(unwrapped)
-    weights = contents.weights
-    if set(weights) != set(params):
-        missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
-        raise ResumeError(f"{path} trains other weights than this run (missing {missing[:5]}, unexpected "
-                          f"{unexpected[:5]}): was it written by the other phase or with other LoRA settings?")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(weights[name].to(device=param.device, dtype=param.dtype))
+    load_trainable_weights(accelerator.unwrap_model(model), contents.weights, lambda missing, unexpected: ResumeError(
+        f"{path} trains other weights than this run (missing {missing[:5]}, unexpected {unexpected[:5]}): was it "
+        "written by the other phase or with other LoRA settings?"))
     optimizer.load_state_dict(contents.optimizer)
     scheduler.load_state_dict(contents.scheduler)
     _set_rng_state(contents.rng)

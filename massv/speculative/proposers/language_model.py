@@ -15,7 +15,6 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from massv.drafter import MultimodalDrafter
 from massv.families import FamilyAdapter
 from massv.speculative.proposers.base import CommittedTokens, DraftRequest, DrafterPairError, Proposal, Proposer
 from massv.speculative.sampling import ScoreProcessor, TokenHistory, probs_from_scores, sample
