@@ -39,7 +39,7 @@ from massv.chat import prompt_inputs
 from massv.errors import InputError, MissingInputError
 from massv.families import get_adapter
 from massv.io import atomic_write_json, atomic_write_text
-from massv.speculative import GenerationStats, SpeculativeGenerator
+from massv.speculative import GenerationStats, SamplingConfig, SpeculativeGenerator
 from massv.train.llava_data import ImageError, load_image
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class EvalSettings:
     num_draft_tokens: int = 5
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int | None = None  # None: as generate() resolves it (the target's generation config, else 50); 0: off
     max_new_tokens: int = 128
     seed: int = 0
     check_lossless: bool = True  # greedy only: compare every output with target.generate
@@ -100,16 +101,18 @@ def _inputs_for(processor: Any, adapter: Any, sample: BenchmarkSample) -> Any:
     return prompt_inputs(processor, adapter.user_messages(sample.prompt), [image])  # no second <bos>
 
 
-def _target_generate(target: Any, inputs: Any, settings: EvalSettings) -> tuple[list[int], float]:
-    """The baseline: the target's own `generate`, timed end to end (vision and prefill included)."""
-    sampling = (
-        {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0}
-        if settings.temperature > 0 else {"do_sample": False}
-    )
-    torch.manual_seed(settings.seed)
+def _target_generate(target: Any, inputs: Any, decoding: SamplingConfig, max_new_tokens: int,
+                     seed: int) -> tuple[list[int], float]:
+    """The baseline: the target's own `generate`, timed end to end (vision and prefill included).
+
+    `decoding` is what the engine resolved for the same request, passed in full, so the target's generation
+    config cannot make the two sides decode differently (at T > 0 they sample the same distribution).
+    """
+    torch.manual_seed(seed)
     start = time.perf_counter()
     with torch.no_grad():
-        output = target.generate(**inputs.to(target.device), max_new_tokens=settings.max_new_tokens, **sampling)
+        output = target.generate(**inputs.to(target.device), max_new_tokens=max_new_tokens,
+                                 **decoding.generate_kwargs())
     elapsed = time.perf_counter() - start
     return output[0, inputs["input_ids"].shape[1]:].tolist(), elapsed
 
@@ -164,17 +167,19 @@ def evaluate_samples(target: Any, drafter: Any, processor: Any, samples: list[Be
 def _measure(target: Any, generator: Any, inputs: Any, sample: BenchmarkSample, settings: EvalSettings,
              baseline_cache: dict[tuple[Any, ...], tuple[list[int], float]] | None) -> dict[str, Any]:
     """One sample: the (possibly cached) target baseline, then speculative generation, as one JSON-ready row."""
-    key = (sample.sample_id, settings.temperature, settings.top_p, settings.max_new_tokens, settings.seed)
+    # One resolution of the decoding settings for both sides (call, then generation config, then HF defaults).
+    decoding = generator.resolve_settings(settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    key = (sample.sample_id, decoding, settings.max_new_tokens, settings.seed)
     if baseline_cache is not None and key in baseline_cache:
         target_ids, elapsed = baseline_cache[key]
     else:
-        target_ids, elapsed = _target_generate(target, inputs, settings)
+        target_ids, elapsed = _target_generate(target, inputs, decoding, settings.max_new_tokens, settings.seed)
         if baseline_cache is not None:
             baseline_cache[key] = (target_ids, elapsed)
     start = time.perf_counter()
     output = generator.generate_from_inputs(
         inputs, max_new_tokens=settings.max_new_tokens, num_draft_tokens=settings.num_draft_tokens,
-        temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
+        seed=settings.seed, **asdict(decoding),
     )
     speculative_seconds = time.perf_counter() - start
     output.stats.total_seconds = speculative_seconds  # include input transfer, as the baseline does
@@ -193,6 +198,7 @@ def _measure(target: Any, generator: Any, inputs: Any, sample: BenchmarkSample, 
         "target_new_tokens": len(target_ids),
         "target_seconds": elapsed,
         "speculative_seconds": speculative_seconds,
+        "decoding": asdict(decoding),  # what both sides applied
         **output.stats.to_dict(),
     }
 
@@ -445,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-draft-tokens", type=int, default=None, help="γ: drafts per verification (default: 5)")
     parser.add_argument("--temperature", type=float, default=None, help="0: greedy (default: 0)")
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="sampling top-k on both sides (0 = off; default: the target's generation config, else 50)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="(default: 128)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N samples (default: all)")
     parser.add_argument("--seed", type=int, default=0)
@@ -490,7 +498,8 @@ def _resolve_arguments(args: argparse.Namespace) -> EvalSettings:
     settings = EvalSettings(
         num_draft_tokens=5 if args.num_draft_tokens is None else args.num_draft_tokens,
         temperature=0.0 if args.temperature is None else args.temperature,
-        top_p=args.top_p, max_new_tokens=128 if args.max_new_tokens is None else args.max_new_tokens, seed=args.seed,
+        top_p=args.top_p, top_k=args.top_k,
+        max_new_tokens=128 if args.max_new_tokens is None else args.max_new_tokens, seed=args.seed,
     )
     if settings.num_draft_tokens < 1 or settings.max_new_tokens < 1 or settings.temperature < 0:
         raise InputError("--num-draft-tokens and --max-new-tokens must be >= 1, --temperature >= 0")

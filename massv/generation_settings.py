@@ -87,6 +87,18 @@ def hf_generation_defaults() -> dict[str, Any]:
     return defaults
 
 
+def fill_unset(generation_config: Any, **values: Any) -> dict[str, Any]:
+    """Each value as `generate()` resolves it: the call's (not None), then `generation_config`'s (may be None),
+    then Hugging Face's default. The one fill-in rule behind distillation, `massv eval` and the engine."""
+    defaults = hf_generation_defaults()
+    resolved = {}
+    for name, value in values.items():
+        if value is None and generation_config is not None:
+            value = getattr(generation_config, name, None)
+        resolved[name] = defaults[name] if value is None else value
+    return resolved
+
+
 def resolve_generation_settings(generation_config: Any, *, temperature: float | None = None,
                                 top_k: int | None = None, top_p: float | None = None,
                                 repetition_penalty: float | None = None,
@@ -98,17 +110,9 @@ def resolve_generation_settings(generation_config: Any, *, temperature: float | 
     (`do_sample=True`), greedy otherwise. `max_new_tokens` must come from the call or the config:
     `generate()` would otherwise stop at a total `max_length` of 20 tokens, prompt included.
     """
-    defaults = hf_generation_defaults()
-
-    def pick(name: str, value: Any) -> Any:
-        if value is not None:
-            return value
-        configured = getattr(generation_config, name, None) if generation_config is not None else None
-        return configured if configured is not None else defaults[name]
-
     if temperature is None:
         samples = bool(getattr(generation_config, "do_sample", False)) if generation_config is not None else False
-        temperature = float(pick("temperature", None)) if samples else 0.0
+        temperature = float(fill_unset(generation_config, temperature=None)["temperature"]) if samples else 0.0
     if max_new_tokens is None:
         max_new_tokens = getattr(generation_config, "max_new_tokens", None) if generation_config is not None else None
         if max_new_tokens is None:
@@ -116,13 +120,14 @@ def resolve_generation_settings(generation_config: Any, *, temperature: float | 
                              "generate() would stop at max_length=20 tokens including the prompt: set it")
     temperature = float(temperature)
     greedy = temperature == 0.0
+    values = fill_unset(generation_config, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
     return GenerationSettings(
         temperature=temperature,
-        top_k=0 if greedy else int(pick("top_k", top_k)),
-        top_p=1.0 if greedy else float(pick("top_p", top_p)),
-        repetition_penalty=float(pick("repetition_penalty", repetition_penalty)),
+        top_k=0 if greedy else int(values["top_k"]),
+        top_p=1.0 if greedy else float(values["top_p"]),
+        repetition_penalty=float(values["repetition_penalty"]),
         max_new_tokens=int(max_new_tokens),
     )
 
 
-__all__ = ["GenerationSettings", "hf_generation_defaults", "resolve_generation_settings"]
+__all__ = ["GenerationSettings", "fill_unset", "hf_generation_defaults", "resolve_generation_settings"]

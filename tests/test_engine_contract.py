@@ -26,7 +26,6 @@ from tests.engine_helpers import noisy_text_copy
 
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "gemma3"])
 def pair(request):
-    torch.set_num_threads(1)
     return build_tiny_pair(request.param)
 
 

@@ -195,8 +195,8 @@ def test_greedy_mismatches_are_a_rate_not_a_crash(saved_models, tmp_path, qwen_o
     original = evaluate_module._target_generate
     calls = []
 
-    def flip_first(target, inputs, settings):  # as if a bf16 near-tie had flipped the target's first token
-        ids, seconds = original(target, inputs, settings)
+    def flip_first(target, inputs, *args):  # as if a bf16 near-tie had flipped the target's first token
+        ids, seconds = original(target, inputs, *args)
         calls.append(1)
         return ([ids[0] + 1] + ids[1:] if len(calls) == 1 else ids), seconds
 
@@ -228,3 +228,39 @@ def test_eval_reads_its_defaults_from_a_tiny_config(tmp_path, qwen_only):
     assert summary["settings"]["max_new_tokens"] == 5 and summary["num_samples"] == 2
     card = (tmp_path / "phase2" / "final" / "README.md").read_text()
     assert f"| world | 5 | 0 | 5 | 2 | {summary['mean_accepted_length']:.2f} |" in card
+
+
+def test_both_sides_decode_with_the_same_resolved_settings(tiny_pair, tmp_path, qwen_only, monkeypatch):
+    """At T > 0 the baseline `target.generate` and the engine sample one distribution: the settings the engine
+    resolves (call, then the target's generation config, then HF's defaults) are the ones the baseline gets,
+    in full, so a checkpoint's `top_k` or `repetition_penalty` reaches both sides or neither."""
+    from massv.benchmarks import load_benchmark
+    from massv.evaluate import EvalSettings, evaluate_samples
+
+    target = copy.deepcopy(tiny_pair.target)
+    target.generation_config.top_k = 3  # a checkpoint's own choice, not HF's default of 50
+    target.generation_config.repetition_penalty = 1.3
+    recorded: list[dict] = []
+    original_generate = target.generate
+
+    def recording_generate(*args, **kwargs):
+        recorded.append({key: value for key, value in kwargs.items() if key not in ("input_ids", "attention_mask",
+                                                                                     "pixel_values", "image_grid_thw")})
+        return original_generate(*args, **kwargs)
+
+    monkeypatch.setattr(target, "generate", recording_generate)
+    samples = load_benchmark("world", _world(tmp_path, 2, seed=4242))
+    drafter = copy.deepcopy(tiny_pair.drafter_lm)
+    _, sampled_rows = evaluate_samples(target, drafter, tiny_pair.processor, samples,
+                                       EvalSettings(num_draft_tokens=3, temperature=0.7, max_new_tokens=5, seed=1))
+    assert len(recorded) == 2
+    for call, row in zip(recorded, sampled_rows):
+        assert call["do_sample"] is True and call["temperature"] == 0.7
+        assert call["top_k"] == 3 == row["decoding"]["top_k"]  # the generation config's value on both sides
+        assert call["top_p"] == 1.0 and call["repetition_penalty"] == 1.3 == row["decoding"]["repetition_penalty"]
+    recorded.clear()
+    _, greedy_rows = evaluate_samples(target, drafter, tiny_pair.processor, samples,
+                                      EvalSettings(num_draft_tokens=3, temperature=0.0, max_new_tokens=5))
+    assert [call["do_sample"] for call in recorded] == [False, False]
+    assert all(call["repetition_penalty"] == 1.3 for call in recorded)  # the penalty applies greedily too
+    assert all(row["identical_to_target"] for row in greedy_rows)  # and the engine applied it the same way

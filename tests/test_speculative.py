@@ -74,7 +74,6 @@ def _random_case(rng: np.random.Generator, pair: TinyPair, adapter: FamilyAdapte
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def setup(request) -> FamilySetup:
-    torch.set_num_threads(1)  # shared 2-core machine; tiny models gain nothing from threads
     pair = build_tiny_pair(request.param)
     adapter = get_adapter(pair.target.config)
     drafter = MultimodalDrafter.from_target(pair.target, pair.drafter_lm, len(pair.tokenizer)).eval()

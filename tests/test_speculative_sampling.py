@@ -148,7 +148,6 @@ MAX_NEW_TOKENS = NUM_DRAFT_TOKENS + 2  # the prefill token, then one whole block
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "gemma3"])
 def image_case(request):
     """Tiny target, a MASSV drafter that agrees with it partly, and an image prompt."""
-    torch.set_num_threads(1)
     pair = build_tiny_pair(request.param)
     drafter = noisy_multimodal_copy(pair.target, len(pair.tokenizer), noise=0.3)
     inputs = prompt_inputs(pair, "Describe the image.", random_image(21))

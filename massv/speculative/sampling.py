@@ -28,7 +28,7 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
-from massv.generation_settings import hf_generation_defaults
+from massv.generation_settings import fill_unset
 
 # Generation-config fields `target.generate()` would act on that the engine does not reproduce. Each is
 # refused when set (in the call or the target's generation config), with the value that disables it.
@@ -130,13 +130,7 @@ def resolve_sampling_config(generation_config: GenerationConfig | None, temperat
     if unknown:
         raise TypeError(f"unknown sampling setting(s) {unknown}; supported: {names}")
     check_supported_settings(generation_config)
-    defaults = hf_generation_defaults()
-    values: dict[str, Any] = {}
-    for name in names:
-        value = explicit.get(name)
-        if value is None and generation_config is not None:
-            value = getattr(generation_config, name, None)
-        values[name] = defaults[name] if value is None else value
+    values = fill_unset(generation_config, **{name: explicit.get(name) for name in names})
     casts = {"top_k": int, "top_p": float, "repetition_penalty": float, "typical_p": float,
              "epsilon_cutoff": float, "eta_cutoff": float}
     values = {name: casts[name](value) if name in casts and value is not None else value for name, value in values.items()}
