@@ -446,10 +446,9 @@ def run_target(models: Models, cases: list[Any], max_new_tokens: int, settings: 
     return row, outputs, prefill_times
 
 
-def run_engine(name: str, models: Models, drafter: Any, cases: list[Any], references: list[list[int]],
+def run_engine(name: str, generator: SpeculativeGenerator, cases: list[Any], references: list[list[int]],
                max_new_tokens: int, num_draft_tokens: int, settings: SamplingConfig) -> RowResult:
     row = RowResult(name, temperature=settings.temperature)
-    generator = SpeculativeGenerator(models.target, drafter, models.processor)
     runs = []
     for index, (inputs, reference) in enumerate(zip(cases, references)):
         output = generator.generate_from_inputs(
@@ -549,6 +548,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="real models only")
     parser.add_argument("--dtype", default="bfloat16", help="real models only")
+    parser.add_argument("--compiled-drafter", action="store_true",
+                        help="also run each LM drafter with compile_drafter=True (static cache + torch.compile); "
+                             "its compilation happens in the warm-up and is reported as compile_seconds")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return parser.parse_args(argv)
 
@@ -586,11 +588,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     drafters = _drafters(args, models)
     if not drafters:
         logger.warning("no drafter to benchmark (pass --drafter): reporting the target alone")
-    costs = {}
+    costs, generators, compile_seconds = {}, {}, {}
     for name, drafter in drafters:
-        SpeculativeGenerator(models.target, drafter, models.processor).generate_from_inputs(
-            cases[0], max_new_tokens=4, num_draft_tokens=gamma)  # warm-up
+        generators[name] = SpeculativeGenerator(models.target, drafter, models.processor)
+        generators[name].generate_from_inputs(cases[0], max_new_tokens=4, num_draft_tokens=gamma)  # warm-up
         costs[name] = forward_cost_ratio(models, drafter, adapter, cases[0], args.cost_repeats, gamma)
+        if args.compiled_drafter and name != "engine-target-copy":
+            # One generator per row for the whole run: its compiled step is traced once, here.
+            compiled = SpeculativeGenerator(models.target, drafter, models.processor, compile_drafter=True,
+                                            compile_max_length=_static_cache_length(models, cases, max_new, gamma))
+            clock = time.perf_counter()
+            for temperature in args.temperatures:
+                compiled.generate_from_inputs(cases[0], max_new_tokens=8, num_draft_tokens=gamma,
+                                              temperature=temperature, seed=0)
+            compile_seconds[f"{name}-compiled"] = time.perf_counter() - clock
+            generators[f"{name}-compiled"] = compiled
+            logger.info("%s-compiled: compiled in %.1f s", name, compile_seconds[f"{name}-compiled"])
 
     summaries = []
     # Repeats interleave every row and temperature, so load drifting over time hits all rows alike.
@@ -599,9 +612,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             settings = SamplingConfig(temperature=temperature, top_k=args.top_k if temperature > 0 else 0)
             target_row, references, prefill_times = run_target(models, cases, max_new, settings)
             rows: list[RowResult] = [target_row]
-            for name, drafter in drafters:
-                row = run_engine(name, models, drafter, cases, references, max_new, gamma, settings)
-                row.cost = costs[name]
+            for name, generator in generators.items():
+                row = run_engine(name, generator, cases, references, max_new, gamma, settings)
+                row.cost = costs.get(name, {})  # compiled rows: c of the eager step does not apply
                 rows.append(row)
                 if name == "engine-text" and not models.synthetic_inputs:
                     rows.append(run_hf_assisted(models, cases, references, prefill_times, max_new, gamma, settings))
@@ -625,6 +638,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "temperatures": args.temperatures,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "repeats": args.repeats,
+        "compile_seconds": compile_seconds,
         "rows": summaries,
         "medians": medians,
         "notes": {
@@ -649,7 +663,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 MEDIAN_KEYS = ("tokens_per_second", "speedup", "decode_speedup", "efficiency", "tokens_per_second_over_hf_assisted",
-               "mean_accepted_length", "acceptance_rate", "engine_overhead_ms_per_step")
+               "tokens_per_second_over_eager", "mean_accepted_length", "acceptance_rate", "engine_overhead_ms_per_step")
 
 
 def median_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -679,11 +693,21 @@ def format_medians(medians: list[dict[str, Any]]) -> str:
 
 
 def _engine_over_hf(rows: list[dict[str, Any]]) -> None:
-    """The engine's tokens/s over HF assisted generation's, with the same text LM, same settings."""
+    """The engine's tokens/s over HF assisted generation's, with the same text LM, same settings; a compiled
+    row's tokens/s over its eager row's."""
     by_name = {row["name"]: row for row in rows}
     engine, hf = by_name.get("engine-text"), by_name.get("hf-assisted-text")
     if engine and hf and not engine.get("error") and not hf.get("error"):
         engine["tokens_per_second_over_hf_assisted"] = engine["tokens_per_second"] / hf["tokens_per_second"]
+    for name, row in by_name.items():
+        eager = by_name.get(name.removesuffix("-compiled"))
+        if name.endswith("-compiled") and eager and not row.get("error") and not eager.get("error"):
+            row["tokens_per_second_over_eager"] = row["tokens_per_second"] / eager["tokens_per_second"]
+
+
+def _static_cache_length(models: Models, cases: list[Any], max_new_tokens: int, num_draft_tokens: int) -> int:
+    """Room for the longest prompt and its generation: every request takes the static path."""
+    return max(case["input_ids"].shape[1] for case in cases) + max_new_tokens + num_draft_tokens + 1
 
 
 if __name__ == "__main__":

@@ -259,7 +259,7 @@ class MultimodalDrafter(nn.Module):
                 image_inputs: dict[str, torch.Tensor] | None = None, image_features: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, past_key_values: Any = None,
                 position_ids: torch.Tensor | None = None, use_cache: bool | None = None,
-                logits_to_keep: int = 0) -> CausalLMOutputWithPast:
+                logits_to_keep: int = 0, cache_position: torch.Tensor | None = None) -> CausalLMOutputWithPast:
         """Like an HF causal LM's forward, plus the image (raw `image_inputs` or precomputed features).
 
         Without `labels`: logits, where ids the drafter must never propose (padding rows) are -inf.
@@ -276,6 +276,7 @@ class MultimodalDrafter(nn.Module):
         outputs = self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=past_key_values,
             position_ids=position_ids, use_cache=use_cache, logits_to_keep=logits_to_keep,
+            **({} if cache_position is None else {"cache_position": cache_position}),
         )
         logits = outputs.logits
         if self.config.draftable_vocab_size < logits.shape[-1]:

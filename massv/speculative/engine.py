@@ -30,6 +30,7 @@ from massv.families import get_adapter
 from massv.speculative.acceptance import accept_greedy, accept_sampled
 from massv.speculative.proposers import (
     CommittedTokens,
+    StaticDecoder,
     DraftRequest,
     Proposer,
     RandomStreams,
@@ -76,9 +77,15 @@ class SpeculativeGenerator:
       image block removed;
     - `TargetAsDrafter(target)`: the target itself, a perfectly agreeing drafter for tests and benchmarks.
     The pair is checked here, once: family, tokenizer agreement, embedding and feature sizes.
+
+    `compile_drafter=True` runs the drafter's one-token steps on a static KV cache of `compile_max_length`
+    positions through `torch.compile` (CUDA graphs on a GPU; `proposers/static_decoder.py`): the first request
+    pays the compilation, later ones reuse it. Requests longer than the cache take the eager path.
     """
 
-    def __init__(self, target: PreTrainedModel, drafter: nn.Module, processor: ProcessorMixin | None = None) -> None:
+    def __init__(self, target: PreTrainedModel, drafter: nn.Module, processor: ProcessorMixin | None = None, *,
+                 compile_drafter: bool = False, compile_max_length: int = 4096,
+                 compile_backend: str = "inductor") -> None:
         self.target = target
         self.drafter = drafter
         self.processor = processor
@@ -86,6 +93,13 @@ class SpeculativeGenerator:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.proposer_class: type[Proposer] = proposer_class_for(drafter)
         self.proposer_class.check_pair(drafter, target, self.adapter, self.tokenizer)
+        self.static_decoder: StaticDecoder | None = None
+        if compile_drafter:
+            language_model = self.proposer_class.decoding_language_model(drafter)
+            if language_model is None:
+                raise ValueError(f"compile_drafter: the {self.proposer_class.name!r} proposer has no one-token "
+                                 "language-model step to compile")
+            self.static_decoder = StaticDecoder(language_model, compile_max_length, backend=compile_backend)
 
     # ---- public API ---------------------------------------------------------------------------------
     def generate(self, images: Any = None, prompt: str | None = None, messages: list[dict[str, Any]] | None = None,
@@ -171,6 +185,7 @@ class SpeculativeGenerator:
                 target=self.target, adapter=self.adapter, prompt_ids=input_ids, image_inputs=image_inputs,
                 vision_features=vision_features, settings=settings, eos_token_ids=frozenset(eos_ids),
                 replacement_id=self._replacement_id(), random=random,
+                new_positions=max_new_tokens + num_draft_tokens + 1, static_decoder=self.static_decoder,
             )
             proposer = self.proposer_class(self.drafter, request)
             stats.drafter_forwards += proposer.prefill(sequence)

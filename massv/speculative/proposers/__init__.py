@@ -19,6 +19,7 @@ from massv.speculative.proposers.base import (
     RandomStreams,
 )
 from massv.speculative.proposers.language_model import CausalLMProposer, MultimodalProposer
+from massv.speculative.proposers.static_decoder import StaticDecoder, StaticDecoderError
 from massv.speculative.proposers.target_copy import TargetAsDrafter, TargetCopyProposer
 
 _REGISTRY: dict[type, type[Proposer]] = {}
@@ -59,6 +60,8 @@ __all__ = [
     "Proposal",
     "Proposer",
     "RandomStreams",
+    "StaticDecoder",
+    "StaticDecoderError",
     "TargetAsDrafter",
     "TargetCopyProposer",
     "proposer_class_for",

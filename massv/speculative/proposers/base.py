@@ -55,6 +55,8 @@ class DraftRequest:
     eos_token_ids: frozenset[int]
     replacement_id: int  # a valid id to feed the drafter in place of one past its embedding
     random: RandomStreams = field(default_factory=lambda: RandomStreams(None))
+    new_positions: int = 0  # positions the request may add after the prompt (generated tokens and drafts)
+    static_decoder: Any = None  # a StaticDecoder when the generator was built with compile_drafter=True
 
     @property
     def target_vocab_size(self) -> int:
@@ -120,6 +122,11 @@ class Proposer(ABC):
     @classmethod
     def check_pair(cls, drafter: nn.Module, target: PreTrainedModel, adapter: FamilyAdapter, tokenizer: Any) -> None:
         """Raise `DrafterPairError` if `drafter` cannot draft for `target` (called once, at construction)."""
+
+    @classmethod
+    def decoding_language_model(cls, drafter: nn.Module) -> PreTrainedModel | None:
+        """The causal LM whose one-token steps this proposer runs, if it can run them on a `StaticDecoder`."""
+        return None
 
     @classmethod
     def vision_features_needed(cls, drafter: nn.Module) -> tuple[str, ...]:

@@ -58,13 +58,21 @@ class CausalLMProposer(Proposer):
     def check_pair(cls, drafter: nn.Module, target: PreTrainedModel, adapter: FamilyAdapter, tokenizer: Any) -> None:
         check_language_model(drafter, adapter, tokenizer, "the text-only drafter")
 
+    @classmethod
+    def decoding_language_model(cls, drafter: nn.Module) -> PreTrainedModel:
+        return drafter
+
     def __init__(self, drafter: nn.Module, request: DraftRequest) -> None:
         self.model = drafter
         self.request = request
         self.language_model = self._language_model()
         self.device = self.language_model.device
         self.prompt = self._view_prompt().to(self.device)  # (1, P)
-        self.cache = new_rollback_cache(self.language_model)
+        decoder = request.static_decoder
+        # The static path when the generator has one and the request fits it; else the eager path.
+        fits = decoder is not None and decoder.fits(self.prompt.shape[1] + request.new_positions)
+        self.static = decoder if fits else None
+        self.cache = self.static.start_request() if self.static is not None else new_rollback_cache(self.language_model)
         self.cached = 0  # drafter-view tokens in the cache
         self.embedding_rows = self.language_model.get_input_embeddings().num_embeddings
         self.draftable = min(self._draftable_vocab_size(), request.target_vocab_size)
@@ -148,17 +156,26 @@ class CausalLMProposer(Proposer):
 
     def _forward(self, input_ids: torch.Tensor, is_prompt: bool = False) -> torch.Tensor:
         num_new = input_ids.shape[1]
+        if self.static is not None and num_new == 1 and not is_prompt:
+            logits = self.static.step(input_ids, self.cached)  # the compiled one-token step
+            self.cached += 1
+            return logits
         position_ids = torch.arange(self.cached, self.cached + num_new, device=self.device).unsqueeze(0)
+        cache_kwargs = ({"past_key_values": self.cache} if self.static is None
+                        else self.static.prompt_kwargs(self.cached, num_new))
         outputs = self.model(
-            input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache, use_cache=True,
-            logits_to_keep=1, **(self._prompt_kwargs() if is_prompt else {}),
+            input_ids=input_ids, position_ids=position_ids, use_cache=True, logits_to_keep=1, **cache_kwargs,
+            **(self._prompt_kwargs() if is_prompt else {}),
         )
         self.cached += num_new
         return outputs.logits[:, -1].float()
 
     def _crop(self, num_tokens: int) -> None:
-        self.cache.crop(-num_tokens)
         self.cached -= num_tokens
+        if self.static is None:
+            self.cache.crop(-num_tokens)
+        else:  # no copy: later writes overwrite the stale entries, which the causal mask hides until then
+            self.static.truncate(self.cached)
 
 
 class MultimodalProposer(CausalLMProposer):
@@ -183,6 +200,10 @@ class MultimodalProposer(CausalLMProposer):
     @classmethod
     def vision_features_needed(cls, drafter: nn.Module) -> tuple[str, ...]:
         return (drafter.config.vision_feature,)
+
+    @classmethod
+    def decoding_language_model(cls, drafter: nn.Module) -> PreTrainedModel:
+        return drafter.language_model
 
     def _language_model(self) -> PreTrainedModel:
         return self.model.language_model
