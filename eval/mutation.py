@@ -14,8 +14,9 @@ function, the diff of every survivor).
 
 Not part of CI: a module takes minutes (massv/compress/sparsity.py: about 350 mutants, ~6 min on one core).
 mutmut does not mutate functions with decorators other than `@classmethod`/`@staticmethod`, so code meant to
-be mutation-tested uses `with torch.no_grad():` blocks rather than the `@torch.no_grad()` decorator; the
-report lists each module's functions that got no mutants.
+be mutation-tested uses `with torch.no_grad():` blocks rather than the `@torch.no_grad()` decorator; read-only
+`@property` methods are rewritten in the copy as plain methods wrapped by `property(...)`, so they get mutants
+too. The report lists each module's functions that got no mutants.
 """
 
 from __future__ import annotations
@@ -87,7 +88,36 @@ def prepare_work_dir(work_dir: Path, modules: list[str], tests: list[str], keep:
         if (work_dir / name).exists():
             shutil.rmtree(work_dir / name)
         shutil.copytree(REPO / name, work_dir / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for module in modules:  # in the copy only: the repository keeps its properties
+        path = work_dir / module
+        path.write_text(properties_as_plain_methods(path.read_text()))
     (work_dir / "pyproject.toml").write_text(run_settings(modules, tests))
+
+
+def properties_as_plain_methods(source: str) -> str:
+    """Rewrite each read-only `@property def name(self)` as `def _property_name(self)` + `name = property(...)`.
+
+    mutmut skips decorated functions, and a property (a statistic such as `acceptance_rate`) is exactly the
+    code whose bugs change reported numbers. The rewrite keeps behaviour: the class attribute is the same
+    property object around the same body, which mutmut can now mutate.
+    """
+    tree = ast.parse(source)
+    lines = source.splitlines(keepends=True)
+    edits: list[tuple[int, int, str, str]] = []  # (decorator line, def end line, name, indent)
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for item in node.body:
+            if (isinstance(item, ast.FunctionDef) and len(item.decorator_list) == 1
+                    and isinstance(item.decorator_list[0], ast.Name) and item.decorator_list[0].id == "property"):
+                indent = lines[item.lineno - 1][: len(lines[item.lineno - 1]) - len(lines[item.lineno - 1].lstrip())]
+                edits.append((item.decorator_list[0].lineno, item.end_lineno, item.name, indent))
+    for decorator_line, end_line, name, indent in sorted(edits, reverse=True):
+        lines.insert(end_line, f"{indent}{name} = property(_property_{name})\n")
+        definition = decorator_line  # the def line follows the decorator
+        lines[definition] = lines[definition].replace(f"def {name}(", f"def _property_{name}(", 1)
+        del lines[decorator_line - 1]
+    return "".join(lines)
 
 
 def module_files(patterns: list[str]) -> list[Path]:
