@@ -331,3 +331,54 @@ def test_drafting_stops_at_a_drafted_end_of_sequence(pair, image_inputs, monkeyp
     assert output.generated_ids[0].tolist() == _reference(pair, image_inputs, 12)  # still lossless
     assert sum(allowed > 1 for allowed, _, _ in proposals) >= 3  # blocks that could have drafted on
     assert all((length, forwards) == (1, 1) for _, length, forwards in proposals)
+
+
+# ---- 11. the seam: a new drafting strategy without touching the loop -----------------------------------
+class _EchoDrafter(torch.nn.Module):
+    """A drafter with no model at all: it proposes the last committed token again (prompt-lookup style)."""
+
+
+class _LoudEchoDrafter(_EchoDrafter):
+    pass
+
+
+def test_a_registered_proposer_drafts_through_the_unchanged_loop(pair, image_inputs) -> None:
+    from massv.speculative import Proposal, Proposer, proposer_class_for, register_proposer
+
+    class EchoProposer(Proposer):
+        name = "echo"
+        commits: list[int] = []
+
+        def __init__(self, drafter, request) -> None:
+            self.request = request
+
+        def prefill(self, sequence) -> int:
+            return 0
+
+        def propose(self, sequence, max_tokens) -> Proposal:
+            last = sequence.ids[0, sequence.length - 1]
+            return Proposal(last.repeat(max_tokens).to(self.request.target.device), forwards=0)
+
+        def commit(self, num_accepted) -> None:
+            EchoProposer.commits.append(num_accepted)
+
+    class LoudEchoProposer(EchoProposer):
+        name = "loud-echo"
+
+    register_proposer(_EchoDrafter)(EchoProposer)
+    register_proposer(_LoudEchoDrafter)(LoudEchoProposer)
+    assert proposer_class_for(_EchoDrafter()) is EchoProposer
+    assert proposer_class_for(_LoudEchoDrafter()) is LoudEchoProposer  # the most specific class wins
+
+    generator = SpeculativeGenerator(pair.target, _EchoDrafter(), pair.processor)
+    output = generator.generate_from_inputs(image_inputs, max_new_tokens=16, num_draft_tokens=3)
+    assert output.generated_ids[0].tolist() == _reference(pair, image_inputs, 16)
+    stats = output.stats  # the loop told it what the target kept, after every block it drafted for
+    assert EchoProposer.commits == [accepted for accepted, proposed in zip(stats.accepted_drafts, stats.proposed_drafts)
+                                    if proposed > 0]
+    assert sum(output.stats.proposed_drafts) > 0
+
+
+def test_an_unregistered_drafter_type_is_refused_clearly(pair) -> None:
+    with pytest.raises(DrafterPairError, match="no proposer is registered for drafters of type Linear"):
+        SpeculativeGenerator(pair.target, torch.nn.Linear(2, 2), pair.processor)
