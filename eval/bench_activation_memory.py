@@ -30,7 +30,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train_memory import loss_after, loss_before, make_batch, real_size_qwen_drafter  # noqa: E402
+from bench_train_memory import (
+    loss_after,
+    loss_before,
+    make_batch,
+    real_size_qwen_drafter,
+)
 
 
 def retained_after_forward(step) -> tuple[Any, int]:
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 for variant in args.variants:
                     compute = loss_before if variant == "before" else loss_after
                     with torch.autocast("cpu", dtype=torch.bfloat16):
-                        loss, retained = retained_after_forward(lambda: compute(drafter, batch))
+                        loss, retained = retained_after_forward(lambda compute=compute, batch=batch: compute(drafter, batch))
                     row = {"phase": phase, "gradient_checkpointing": checkpointing, "seq_len": seq_len,
                            "variant": variant, "retained_bytes": retained, "loss": float(loss.detach()),
                            "answer_tokens": int((batch["labels"] != -100).sum()),

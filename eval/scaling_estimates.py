@@ -29,7 +29,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from massv.families import get_adapter  # noqa: E402
+from massv.families import get_adapter
 
 MODEL_CONFIGS = ROOT / "eval" / "model_configs"
 GIB = 2**30
@@ -219,8 +219,8 @@ def markdown(all_rows: list[dict[str, Any]], all_sizes: dict[str, Sizes], calibr
     for name, s in all_sizes.items():
         lines.append(f"| {name} | {s.vision / 1e6:.1f} M | {s.target / 1e9:.2f} B | {s.drafter_lm / 1e6:.1f} M | "
                      f"{s.projector / 1e6:.2f} M | {s.feature_dim} -> {s.lm_hidden} |")
-    lines += ["", "Measured on the CPU (Qwen2.5-0.5B + Qwen2.5-VL-7B vision tower, random weights, batch 1, bf16 "
-              f"autocast; lengths {c['lengths'][0]} and {c['lengths'][1]}):", "",
+    lines += ["", ("Measured on the CPU (Qwen2.5-0.5B + Qwen2.5-VL-7B vision tower, random weights, batch 1, bf16 "
+              f"autocast; lengths {c['lengths'][0]} and {c['lengths'][1]}):"), "",
               "| quantity | phase 1 (LM frozen, bf16) | phase 2 (LM trains, fp32 master) |", "|---|---|---|"]
     for label, key in (("held for backward per token, no checkpointing", "bytes_per_token_{}_no_gc"),
                        ("held for backward per token, checkpointing", "bytes_per_token_{}_gc")):
@@ -229,13 +229,13 @@ def markdown(all_rows: list[dict[str, Any]], all_sizes: dict[str, Sizes], calibr
                  f"{c['intercept_phase2_no_gc'] / GIB:.2f} GiB |")
     lines.append(f"| full-logits loss, held per logit element | {c['held_logit_bytes_per_element_phase1_no_gc']:.2f} B | "
                  f"{c['held_logit_bytes_per_element_phase2_no_gc']:.2f} B |")
-    lines += ["", f"Phase-2 step peak at 1 x {c['step_seq_len']} (bench_train_memory.py --size real): "
+    lines += ["", (f"Phase-2 step peak at 1 x {c['step_seq_len']} (bench_train_memory.py --size real): "
               f"{c['step_peak_bytes'] / GIB:.2f} GiB; beyond weights and activations: "
-              f"{c['backward_bytes_per_trainable_param']:.1f} bytes per trainable parameter.", "",
-              "Per GPU, GiB, at the configs' micro-batch ceilings (max_tokens_per_batch); total = the configs' "
-              "settings (gradient checkpointing on, answer-only loss, DDP):", "",
-              "| config | stage | micro-batch | vision | drafter LM | projector | target | AdamW | backward | DDP "
-              "| KV cache | act. GC / no GC | logits full / answer-only | total |",
+              f"{c['backward_bytes_per_trainable_param']:.1f} bytes per trainable parameter."), "",
+              ("Per GPU, GiB, at the configs' micro-batch ceilings (max_tokens_per_batch); total = the configs' "
+              "settings (gradient checkpointing on, answer-only loss, DDP):"), "",
+              ("| config | stage | micro-batch | vision | drafter LM | projector | target | AdamW | backward | DDP "
+              "| KV cache | act. GC / no GC | logits full / answer-only | total |"),
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in all_rows:
         training = row["stage"] != "distill"

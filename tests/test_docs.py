@@ -51,6 +51,17 @@ def test_documented_paths_exist() -> None:
     assert not missing, f"named but missing: {missing}"
 
 
+def test_repository_paths_in_docs_exist() -> None:
+    """docs/*.md also name scripts, results and configs (eval/..., configs/..., massv/...): they exist too."""
+    pattern = re.compile(r"(?<![\w/.<>-])((?:eval|configs|massv|tests|docs)/[\w./-]*\w)")
+    missing = {}
+    for doc in sorted((ROOT / "docs").glob("*.md")):
+        for match in pattern.finditer(doc.read_text()):
+            if not (ROOT / match.group(1)).exists():
+                missing.setdefault(match.group(1), doc.name)
+    assert not missing, f"named in docs but missing: {missing}"
+
+
 def test_the_pattern_finds_paths_and_stops_at_punctuation() -> None:
     text = "see docs/scaling.md. Or `configs/accelerate/8gpu.yaml`, (docs/x/y.md) not mydocs/z.md"
     assert [match.group(1).rstrip(".") for match in DOC_PATH.finditer(text)] == [
