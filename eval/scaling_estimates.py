@@ -72,6 +72,8 @@ class Sizes:
     lm_kv_dim: int
     lm_vocab: int
     target_kv_bytes_per_token: int  # bf16 K and V of every target layer
+    lm_norms_per_layer: int = 2  # Qwen2: 2 RMSNorms; Gemma3: 4 (pre/post attention and feed-forward)
+    lm_qk_norm: bool = False  # Gemma3 normalises q and k per head
 
 
 def sizes(config_name: str) -> Sizes:
@@ -90,22 +92,27 @@ def sizes(config_name: str) -> Sizes:
     head_dim = getattr(drafter_config, "head_dim", None) or hidden // drafter_config.num_attention_heads
     text = target_config.get_text_config()
     target_head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    gemma = drafter_config.model_type.startswith("gemma3")
     return Sizes(vision=vision, target=count(target), drafter_lm=count(drafter), projector=projector,
                  feature_dim=feature_dim, lm_hidden=hidden, lm_layers=drafter_config.num_hidden_layers,
                  lm_intermediate=drafter_config.intermediate_size,
                  lm_q_dim=drafter_config.num_attention_heads * head_dim,
                  lm_kv_dim=drafter_config.num_key_value_heads * head_dim, lm_vocab=drafter_config.vocab_size,
-                 target_kv_bytes_per_token=2 * text.num_hidden_layers * text.num_key_value_heads * target_head_dim * 2)
+                 target_kv_bytes_per_token=2 * text.num_hidden_layers * text.num_key_value_heads * target_head_dim * 2,
+                 lm_norms_per_layer=4 if gemma else 2, lm_qk_norm=gemma)
 
 
 def analytic_layer_bytes(s: Sizes) -> int:
     """Bytes one decoder layer keeps for backward per token under bf16 autocast, fp32 residual stream.
 
-    2 RMSNorms x (fp32 input + fp32 normalised) = 16h; 2 bf16 casts of the normed input = 4h;
-    attention: q, k, v out, rotated q, k (saved by SDPA), SDPA output, o_proj input = 2 x (4q + 4kv) bytes;
-    SwiGLU MLP: gate, up, act(gate), gate*up in bf16 = 8I bytes.
+    Each RMSNorm: fp32 input + fp32 normalised = 8h (Qwen2 has 2 per layer, Gemma3 4); 2 bf16 casts of the
+    normed input = 4h; attention: q, k, v out, rotated q, k (saved by SDPA), SDPA output, o_proj input =
+    2 x (4q + 4kv) bytes, and Gemma3's q/k norms another 8q + 8kv; gated MLP: gate, up, act(gate), gate*up
+    in bf16 = 8I bytes. Qwen2.5-0.5B: 20h + 8q + 8kv + 8I.
     """
-    return 20 * s.lm_hidden + 8 * s.lm_q_dim + 8 * s.lm_kv_dim + 8 * s.lm_intermediate
+    qk_norm = 8 * s.lm_q_dim + 8 * s.lm_kv_dim if s.lm_qk_norm else 0
+    return ((8 * s.lm_norms_per_layer + 4) * s.lm_hidden + 8 * s.lm_q_dim + 8 * s.lm_kv_dim
+            + 8 * s.lm_intermediate + qk_norm)
 
 
 def read_calibration(activations: Path, step: Path) -> dict[str, Any]:
