@@ -77,3 +77,37 @@ def test_to_dict_holds_every_derived_number() -> None:
     assert data["mean_accepted_length_full_blocks"] == pytest.approx(3.0)
     assert data["acceptance_rate"] == pytest.approx(0.8)
     assert data["budget_limited"] == [False, False, False, True]
+
+
+def test_merge_sums_forwards_and_keeps_gamma_of_a_single_run() -> None:
+    first, second = _request(REQUEST_A, num_draft_tokens=4), _request(REQUEST_B, num_draft_tokens=4)
+    first.target_forwards, second.target_forwards = 5, 3
+    first.drafter_forwards, second.drafter_forwards = 13, 8
+    merged = GenerationStats.merge([first, second])
+    assert (merged.target_forwards, merged.drafter_forwards) == (8, 21)
+    single = GenerationStats.merge([_request(REQUEST_B, num_draft_tokens=3)])
+    assert single.num_draft_tokens == 3 and single.accepted_lengths == [2, 3]
+    assert GenerationStats.merge([]).num_draft_tokens == 0
+
+
+def test_a_request_without_steps_or_time_reports_zeros() -> None:
+    """No verification step, no judged draft, no time: every ratio is 0, never a division error or a 1."""
+    stats = GenerationStats(num_draft_tokens=4)
+    for name in ("mean_accepted_length", "mean_accepted_length_full_blocks", "mean_accepted_drafts",
+                 "acceptance_rate", "accepted_over_proposed", "tokens_per_second", "decode_tokens_per_second"):
+        assert getattr(stats, name) == 0.0, name
+    limited_only = _request([(2, 2, 2, 3, True)])  # every step cut by the budget: no full block to average
+    assert limited_only.mean_accepted_length_full_blocks == 0.0
+    assert limited_only.mean_accepted_length == 3.0
+
+
+def test_positions_never_judged_report_zero_acceptance() -> None:
+    stats = GenerationStats(num_draft_tokens=4, position_judged=[2, 0], position_accepted=[1, 0])
+    assert stats.position_acceptance == [0.5, 0.0]
+
+
+def test_decode_rate_counts_fractions_of_a_second() -> None:
+    stats = _request(REQUEST_B)
+    stats.drafting_seconds, stats.verifying_seconds, stats.total_seconds = 0.25, 0.25, 0.8
+    assert stats.decode_tokens_per_second == pytest.approx(5 / 0.5)
+    assert stats.tokens_per_second == pytest.approx(6 / 0.8)
