@@ -12,6 +12,7 @@ shows its traceback too. Any other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import logging
 import os
@@ -38,12 +39,28 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """`--help` shows each option's default (`(default: 5)`), except where there is none to show."""
+    """`--help` shows each option's default (`(default: 5)`), except where there is none to show.
+
+    Also for options without help text (argparse prints no help line for them, default included) and for
+    defaults that compare equal to False (0, 0.0).
+    """
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        default = action.default
+        return not (default is None or default is False or default is argparse.SUPPRESS
+                    or (isinstance(default, list) and not default))
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, [], argparse.SUPPRESS) or "(default" in (action.help or ""):
+        if not self._shows_default(action) or "(default" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and action.option_strings and self._shows_default(action):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
 
 
 def add_device_arguments(parser: argparse.ArgumentParser, from_config: bool = False) -> None:

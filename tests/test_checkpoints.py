@@ -230,3 +230,31 @@ def test_export_turns_checkpoints_into_drafters_equal_to_final(tmp_path):
         export_main([str(phase1_dir / "checkpoint-4"), "--out", str(tmp_path / "notes")])
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_resuming_a_finished_run_leaves_its_final_drafter_and_model_card_alone(tmp_path):
+    """`--resume` on a finished run trains nothing and must not rewrite final/: the model card's MAL rows
+    (`massv eval --record-in-model-card`) were lost when it did. A final/ that does not read back is rewritten."""
+    from massv.model_card import evaluation_entry, record_evaluation
+    from massv.preflight import check_drafter_dir
+
+    data_json, image_root = write_llava(tmp_path, 4)
+    config = tiny_config(tmp_path, "qwen2_5_vl", data_json, image_root, ["phase1.max_steps=2",
+                                                                         "phase1.save_every_steps=null"])
+    pair = build_pair("qwen2_5_vl")
+    first = train_phase(config, 1, target=pair.target, processor=pair.processor)
+    summary = {"settings": {"num_draft_tokens": 5, "temperature": 0.0, "max_new_tokens": 64}, "num_samples": 40,
+               "mean_accepted_length": 4.3912, "acceptance_rate": 0.71, "speedup": 1.93}
+    record_evaluation(first.final_path, evaluation_entry("world", summary))
+    files = {path: path.read_bytes() for path in first.final_path.rglob("*") if path.is_file()}
+
+    resumed = train_phase(config, 1, target=pair.target, processor=pair.processor, resume=True)
+    assert resumed.train.step_losses == [] and resumed.final_path == first.final_path
+    assert {path: path.read_bytes() for path in first.final_path.rglob("*") if path.is_file()} == files
+    assert "| world | 5 | 0 | 64 | 40 | 4.39 | 71.0% | 1.93x |" in (first.final_path / "README.md").read_text()
+
+    projector = first.final_path / "projector.safetensors"
+    projector.write_bytes(projector.read_bytes()[:-7])  # cut short: the finished drafter is written again
+    train_phase(config, 1, target=pair.target, processor=pair.processor, resume=True)
+    check_drafter_dir(first.final_path, "final drafter")
+    assert projector.read_bytes() == files[projector]

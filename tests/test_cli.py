@@ -120,6 +120,37 @@ def test_help_shows_defaults_for_every_command(capsys):
     assert "--debug" in capsys.readouterr().out
 
 
+def test_help_shows_every_default_including_options_without_help_and_zero(monkeypatch, capsys):
+    """Each option's own --help entry names its default: also where the option has no help text (argparse
+    prints no default for those) and where the default is 0 or 0.0 (equal to False)."""
+    import argparse
+
+    parsers = {}
+    monkeypatch.setattr(argparse.ArgumentParser, "print_help",
+                        lambda self, file=None: parsers.setdefault(self.prog, self))
+    for command in COMMANDS:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+    assert len(parsers) == len(COMMANDS)
+    hidden = []
+    for prog, parser in parsers.items():
+        for action in parser._actions:
+            default = action.default
+            if not action.option_strings or default is None or default is False or default == [] \
+                    or default is argparse.SUPPRESS:
+                continue
+            formatter = parser._get_formatter()
+            formatter.add_argument(action)
+            if "default" not in formatter.format_help():
+                hidden.append(f"{prog} {action.option_strings[-1]}={default!r}")
+    assert hidden == []
+    monkeypatch.undo()
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--seed SEED (default: 0)" in text and "--top-p TOP_P (default: 1.0)" in text
+
+
 def test_tiny_config_through_every_command(capsys, tmp_path):
     """train 1 -> distill -> train 2 -> export -> eval --config -> compress, all from configs/tiny.yaml."""
     paths = [f"phase1.output_dir={tmp_path / 'phase1'}", f"phase2.output_dir={tmp_path / 'phase2'}",

@@ -47,5 +47,5 @@ def run(config: RunConfig, *, resume: bool = False, target: PreTrainedModel | No
                                     stop_after_steps=stop_after_steps, cache_image_features=cache_image_features)
     if not result.finished:
         return PhaseResult(drafter=drafter, train=result, final_path=None)
-    path = save_final_drafter(config, 1, accelerator, drafter, [drafter.projector])
+    path = save_final_drafter(config, 1, accelerator, drafter, [drafter.projector], result)
     return PhaseResult(drafter=drafter, train=result, final_path=path)

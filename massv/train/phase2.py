@@ -58,5 +58,5 @@ def run(config: RunConfig, *, resume: bool = False, target: PreTrainedModel | No
         return PhaseResult(drafter=drafter, train=result, final_path=None)
     if cfg.lora is not None:
         drafter.language_model = drafter.language_model.merge_and_unload()
-    path = save_final_drafter(config, 2, accelerator, drafter, [drafter.language_model, drafter.projector])
+    path = save_final_drafter(config, 2, accelerator, drafter, [drafter.language_model, drafter.projector], result)
     return PhaseResult(drafter=drafter, train=result, final_path=path)

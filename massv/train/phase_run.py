@@ -67,9 +67,14 @@ def train_drafter(config: RunConfig, phase: int, accelerator: Accelerator, draft
 
 
 def save_final_drafter(config: RunConfig, phase: int, accelerator: Accelerator, drafter: MultimodalDrafter,
-                       stored_modules: Sequence[nn.Module]) -> Path:
+                       stored_modules: Sequence[nn.Module], result: TrainResult | None = None) -> Path:
     """Cast `stored_modules` (the ones the phase trained) to the checkpoint dtype, save the drafter to
-    `<output_dir>/final` and finish the trackers on every process."""
+    `<output_dir>/final` and finish the trackers on every process.
+
+    `result`: this launch's loop result. When it trained no step (`--resume` on a finished run) and `final/`
+    already holds a whole drafter, that directory is left as it is: it is this run's drafter already, and
+    rewriting it would drop what was added to it since (the MAL rows of `massv eval --record-in-model-card`).
+    """
     cfg = phase_config(config, phase)
     if cfg.gradient_checkpointing:
         drafter.language_model.gradient_checkpointing_disable()
@@ -81,14 +86,30 @@ def save_final_drafter(config: RunConfig, phase: int, accelerator: Accelerator, 
     drafter.config.training_data[f"phase{phase}"] = training_data_description(config, phase)  # the model card says
     path = final_dir(cfg.output_dir)
     if accelerator.is_main_process:
-        drafter.save_pretrained(path)
-        logger.info("phase %d done: drafter saved to %s", phase, path)
+        if result is not None and not result.step_losses and _whole_drafter(path):
+            logger.info("phase %d: nothing trained in this launch; %s already holds the finished drafter, left as "
+                        "it is", phase, path)
+        else:
+            drafter.save_pretrained(path)
+            logger.info("phase %d done: drafter saved to %s", phase, path)
     accelerator.wait_for_everyone()
     # Trackers end with the phase; the process group does not (`accelerator.end_training()` would destroy it):
     # a script may run the next phase in the same processes. `massv train` destroys it on exit.
     for tracker in accelerator.trackers:
         tracker.finish()
     return path
+
+
+def _whole_drafter(path: Path) -> bool:
+    """A drafter directory whose config and every weight file read back (headers only)."""
+    from massv.errors import MassvError
+    from massv.preflight import check_drafter_dir
+
+    try:
+        check_drafter_dir(path, "final drafter")
+    except MassvError:
+        return False
+    return True
 
 
 def training_data_description(config: RunConfig, phase: int) -> str:
