@@ -16,6 +16,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from massv.families import FamilyAdapter
+from massv.speculative.tree import DraftTree, keep_tail_entries, tree_attention_masks
 
 
 def new_rollback_cache(model: PreTrainedModel) -> DynamicCache:
@@ -51,7 +52,7 @@ class TargetVerifier:
         return outputs.logits[0]
 
     def verify(self, tokens: torch.Tensor, text_positions: torch.Tensor | None = None,
-               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+               attention_mask: torch.Tensor | dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Score `tokens: (1, k)` placed after the cache; returns their `(k, vocab)` logits.
 
         `text_positions: (k,)` default to the next k sequence positions (a chain); a tree passes each node's
@@ -68,6 +69,28 @@ class TargetVerifier:
         )
         self.length += num_new
         return outputs.logits[0]
+
+    def verify_tree(self, root_token: torch.Tensor, drafts: torch.Tensor, tree: DraftTree) -> torch.Tensor:
+        """Score every node of `tree` in one forward: `[root] + drafts` -> `(n + 1, vocab)` logits.
+
+        Node i sits at position `length + depth(i)` (siblings share one; Qwen2.5-VL's 3-D rotary positions
+        follow through the adapter) and sees the cache and its ancestors only. Follow with `keep_path`.
+        """
+        device = self.device
+        depths = tree.node_depths(device)
+        query_positions = self.length + depths
+        key_positions = torch.cat([torch.arange(self.length, device=device), query_positions])
+        ancestors = tree.ancestors(device)
+        visible = torch.cat([ancestors.new_ones(ancestors.shape[0], self.length), ancestors], dim=1)
+        masks = tree_attention_masks(self.model.config, self.cache, query_positions, key_positions, visible,
+                                     self.model.dtype)
+        tokens = torch.cat([root_token.view(1, 1), drafts.view(1, -1).to(device)], dim=1)
+        return self.verify(tokens, text_positions=query_positions, attention_mask=masks)
+
+    def keep_path(self, num_nodes: int, path: list[int]) -> None:
+        """After `verify_tree` over `num_nodes` drafts: keep the root and the accepted `path`, drop the rest."""
+        keep_tail_entries(self.cache, num_nodes + 1, [0] + list(path))
+        self.length -= num_nodes - len(path)
 
     def rollback(self, num_tokens: int) -> None:
         """Drop the last `num_tokens` cached tokens (0 still trims sliding-window layers to their window)."""
