@@ -67,6 +67,19 @@ class EvalSettings:
     max_new_tokens: int = 128
     seed: int = 0
     check_lossless: bool = True  # greedy only: compare every output with target.generate
+    strategy: str = "chain"  # "chain", "adaptive" or "tree" (massv.speculative.strategy)
+    tree_size: int = 16  # tree only: nodes the target verifies per block
+    tree_depth: int = 6  # tree only: drafter forwards per block
+    tree_top_k: int = 4  # tree only: children per expanded node
+
+    def strategy_kwargs(self) -> dict[str, Any]:
+        """The `generate_from_inputs` arguments that choose the drafting strategy."""
+        from massv.speculative.strategy import TreeShape
+
+        kwargs: dict[str, Any] = {"strategy": self.strategy}
+        if self.strategy == "tree":
+            kwargs["tree"] = TreeShape(size=self.tree_size, depth=self.tree_depth, top_k=self.tree_top_k)
+        return kwargs
 
 
 @dataclass
@@ -174,7 +187,7 @@ def _measure(target: Any, generator: Any, inputs: Any, sample: BenchmarkSample, 
     start = time.perf_counter()
     output = generator.generate_from_inputs(
         inputs, max_new_tokens=settings.max_new_tokens, num_draft_tokens=settings.num_draft_tokens,
-        temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed,
+        temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed, **settings.strategy_kwargs(),
     )
     speculative_seconds = time.perf_counter() - start
     output.stats.total_seconds = speculative_seconds  # include input transfer, as the baseline does
@@ -307,7 +320,8 @@ def render_markdown(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"- target: `{summary.get('target')}`",
         f"- drafter: `{summary.get('drafter')}`",
         f"- γ = {settings.get('num_draft_tokens')}, T = {settings.get('temperature')}, top-p = {settings.get('top_p')}, "
-        f"max new tokens = {settings.get('max_new_tokens')}, seed = {settings.get('seed')}",
+        f"max new tokens = {settings.get('max_new_tokens')}, seed = {settings.get('seed')}, "
+        f"strategy = {settings.get('strategy', 'chain')}",
         f"- device: {summary.get('device')}, dtype: {summary.get('dtype')}",
         "",
         "| samples | MAL | accepted drafts / step | acceptance rate | speedup vs target | target tok/s | "
@@ -443,6 +457,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", type=Path, default=None, help="directory holding the benchmark's files")
     parser.add_argument("--split", default=None, help="benchmark split (default: the benchmark's usual one)")
     parser.add_argument("--num-draft-tokens", type=int, default=None, help="γ: drafts per verification (default: 5)")
+    parser.add_argument("--strategy", choices=["chain", "adaptive", "tree"], default="chain",
+                        help="drafting: a chain of γ, an adaptive chain (starts at γ; +2 / -1 and a drafter-confidence "
+                        "stop), or an EAGLE-2 draft tree (default: chain)")
+    parser.add_argument("--tree-size", type=int, default=16, help="tree: nodes verified per block (default: 16)")
+    parser.add_argument("--tree-depth", type=int, default=6, help="tree: drafter forwards per block (default: 6)")
+    parser.add_argument("--tree-top-k", type=int, default=4, help="tree: children per expanded node (default: 4)")
     parser.add_argument("--temperature", type=float, default=None, help="0: greedy (default: 0)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=None, help="(default: 128)")
@@ -491,9 +511,12 @@ def _resolve_arguments(args: argparse.Namespace) -> EvalSettings:
         num_draft_tokens=5 if args.num_draft_tokens is None else args.num_draft_tokens,
         temperature=0.0 if args.temperature is None else args.temperature,
         top_p=args.top_p, max_new_tokens=128 if args.max_new_tokens is None else args.max_new_tokens, seed=args.seed,
+        strategy=args.strategy, tree_size=args.tree_size, tree_depth=args.tree_depth, tree_top_k=args.tree_top_k,
     )
     if settings.num_draft_tokens < 1 or settings.max_new_tokens < 1 or settings.temperature < 0:
         raise InputError("--num-draft-tokens and --max-new-tokens must be >= 1, --temperature >= 0")
+    if min(settings.tree_size, settings.tree_depth, settings.tree_top_k) < 1:
+        raise InputError("--tree-size, --tree-depth and --tree-top-k must be >= 1")
     return settings
 
 
