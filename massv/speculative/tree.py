@@ -29,11 +29,12 @@ class DraftTree:
     depths: list[int] = field(default_factory=list)  # (n,) 1 for the root's children
 
     def __post_init__(self) -> None:
-        if not self.depths:
-            self.depths = [1 + (self.depths[parent - 1] if parent else 0) for parent in self.parents]
         for index, parent in enumerate(self.parents):
             if not 0 <= parent <= index:
                 raise ValueError(f"node {index + 1} has parent {parent}: parents must precede their children")
+        if not self.depths:
+            for parent in self.parents:
+                self.depths.append(1 + (self.depths[parent - 1] if parent else 0))
 
     @property
     def num_nodes(self) -> int:
