@@ -228,3 +228,16 @@ def test_eval_reads_its_defaults_from_a_tiny_config(tmp_path, qwen_only):
     assert summary["settings"]["max_new_tokens"] == 5 and summary["num_samples"] == 2
     card = (tmp_path / "phase2" / "final" / "README.md").read_text()
     assert f"| world | 5 | 0 | 5 | 2 | {summary['mean_accepted_length']:.2f} |" in card
+
+
+@pytest.mark.parametrize("strategy", ["tree", "adaptive"])
+def test_eval_strategy_flag_reaches_the_engine(saved_models, tmp_path, qwen_only, strategy):
+    """`massv eval --strategy` drafts trees / adaptive chains, still lossless, and records the choice."""
+    code, summary, rows = _run(saved_models, tmp_path, "--benchmark", "world", "--world-seed", "90817", "--world-num",
+                               "2", "--strategy", strategy, "--tree-size", "5", "--tree-depth", "3")
+    assert code == 0
+    assert summary["lossless_checked"] == 2 and summary["lossless_mismatches"] == 0
+    assert summary["settings"]["strategy"] == strategy
+    assert f"strategy = {strategy}" in (tmp_path / "summary.md").read_text()
+    if strategy == "tree":  # 5 nodes per block, at most depth 3: up to 4 tokens per target forward
+        assert all(1 <= length <= 4 for row in rows for length in row["accepted_lengths"])
