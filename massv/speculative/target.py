@@ -3,9 +3,10 @@
 Invariant between blocks: the KV cache holds every committed token except the last one, which the next
 `verify` feeds again in front of the drafts (its logits predict the first draft).
 
-Every forward is followed by exactly one `rollback` (possibly of 0 tokens): a sliding-window layer that
-records its past (Gemma3) trims back to its window only inside `crop`, and it can remove only tokens added
-since the previous crop.
+Every forward is followed by exactly one `rollback` (possibly of 0 tokens) or, after a tree, `keep_path`
+(which gathers the accepted path into place, then crops): a sliding-window layer that records its past
+(Gemma3) trims back to its window only inside `crop`, and it can remove only tokens added since the
+previous crop.
 """
 
 from __future__ import annotations
