@@ -14,8 +14,14 @@ import pytest
 import torch
 
 from massv.families import FamilyAdapter, get_adapter
-from massv.speculative import CommittedTokens, DraftRequest, SamplingConfig, SpeculativeGenerator, TargetVerifier
-from massv.speculative import proposer_class_for
+from massv.speculative import (
+    CommittedTokens,
+    DraftRequest,
+    SamplingConfig,
+    SpeculativeGenerator,
+    TargetVerifier,
+    proposer_class_for,
+)
 from massv.speculative.proposers.tree import TreeProposer
 from massv.speculative.strategy import AdaptiveLength, LengthController, TreeShape
 from massv.speculative.tree import DraftTree

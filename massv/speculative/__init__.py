@@ -20,8 +20,8 @@ from massv.speculative.acceptance import (
 from massv.speculative.engine import SpeculativeGenerator, SpeculativeOutput, UnsupportedInputError
 from massv.speculative.proposers import (
     CommittedTokens,
-    DraftRequest,
     DrafterPairError,
+    DraftRequest,
     Proposal,
     Proposer,
     TargetAsDrafter,
@@ -38,8 +38,8 @@ __all__ = [
     "STRATEGIES",
     "AdaptiveLength",
     "CommittedTokens",
-    "DraftTree",
     "DraftRequest",
+    "DraftTree",
     "DrafterPairError",
     "GenerationStats",
     "Proposal",

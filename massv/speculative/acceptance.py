@@ -13,7 +13,6 @@ import torch
 from massv.speculative.sampling import sample
 from massv.speculative.tree import DraftTree
 
-
 Verdict = tuple[int, int, list[int]]  # (num_accepted, next_token, every draft's id)
 
 

@@ -51,6 +51,7 @@ from massv.speculative.sampling import (
 from massv.speculative.stats import GenerationStats
 from massv.speculative.strategy import AdaptiveLength, LengthController, TreeShape, check_strategy
 from massv.speculative.target import TargetVerifier
+from massv.speculative.tree import DraftTree
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +261,7 @@ class SpeculativeGenerator:
         )
 
     @staticmethod
-    def _tree_block(verifier: TargetVerifier, proposer: TreeProposer, tree: Any, last_token: torch.Tensor,
+    def _tree_block(verifier: TargetVerifier, proposer: TreeProposer, tree: DraftTree, last_token: torch.Tensor,
                     drafts: torch.Tensor, target_scores: ScoreProcessor, history: TokenHistory | None,
                     settings: SamplingConfig, generator: torch.Generator | None, stats: GenerationStats
                     ) -> tuple[int, int, list[int], torch.Tensor, int]:

@@ -26,7 +26,10 @@ Definitions (the numbers papers report differ in exactly these choices, so they 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from massv.speculative.tree import DraftTree
 
 
 @dataclass
@@ -73,7 +76,7 @@ class GenerationStats:
             if position < accepted:
                 self.position_accepted[position] += 1
 
-    def record_tree_path(self, tree: Any, path: list[int]) -> None:
+    def record_tree_path(self, tree: DraftTree, path: list[int]) -> None:
         """Count the accepted nodes of a tree block that were not their parent's first child."""
         self.branch_accepted += sum(not tree.is_first_child(node) for node in path)
 

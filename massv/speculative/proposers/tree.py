@@ -81,7 +81,7 @@ class TreeProposer(Proposer):
             if not expand:
                 break
             node_ids = torch.stack([pool_tokens[index] for index in expand]).view(1, -1)
-            logits = base.forward_nodes(node_ids, self._node_positions(expand, pool_depth, root_position),
+            logits = base.forward_nodes(node_ids, self._node_positions(expand, pool_depth, root_position).to(device),
                                         self._masks(expand, fed, pool_parent, pool_depth, root_position))
             fed += expand
             forwards += 1
