@@ -13,6 +13,7 @@ Writes `<out>/strategies.json`, `strategies.md` and `strategies.png`.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import logging
 import platform
@@ -48,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per row (median reported)")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--load-note", default="", help="what else ran on the machine (written into the report)")
     parser.add_argument("--out", type=Path, default=Path("eval/results/strategies"))
     args = parser.parse_args(argv)
     args.models, args.image_size = "world", 64  # what bench_engine's loaders read
@@ -90,7 +92,11 @@ def markdown(report: dict[str, Any]) -> str:
         "# Drafting strategies on the held-out world (full MASSV drafter)", "",
         f"- drafter: `{report['drafter']}`; {report['num_prompts']} held-out prompts (world seed "
         f"{report['world_seed']}), max new tokens {report['max_new_tokens']}, {report['repeats']} timed passes per row",
-        f"- machine: {report['machine']}; target alone: {report['target_tokens_per_second']:.1f} tok/s (greedy)",
+        f"- machine: {report['machine']}; target alone (same interleaving): "
+        + ", ".join(f"{temp} {speed:.1f} tok/s" for temp, speed in report["target_tokens_per_second"].items()),
+        f"- {report['load']}",
+        "- tok/s: the median of the timed passes; every prompt runs under every row (and the target alone) in a "
+        "rotating order before the next prompt, so load from other jobs falls on all rows alike",
         "",
     ]
     for temp, table in report["rows"].items():
@@ -103,7 +109,7 @@ def markdown(report: dict[str, Any]) -> str:
             positions = " ".join(f"{value:.2f}" for value in row["position_acceptance"][:8])
             lines.append(
                 f"| {row['name']} | {row['tokens_per_target_forward']:.3f} | {row['tokens_per_second']:.1f} | "
-                f"{row['tokens_per_second'] / report['target_tokens_per_second']:.2f}x | {row['acceptance_rate']:.3f} | "
+                f"{row['speedup']:.2f}x | {row['acceptance_rate']:.3f} | "
                 f"{row['drafts_per_block']:.1f} | {row['drafter_forwards_per_block']:.1f} | {row['branch_accepted']} | "
                 f"{identical} | {positions} |")
         lines.append("")
@@ -151,6 +157,13 @@ def plot(path: Path, report: dict[str, Any]) -> None:
     plt.close(figure)
 
 
+def _load_average() -> str:
+    try:
+        return " ".join(f"{value:.1f}" for value in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -159,11 +172,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     adapter = get_adapter(models.target.config)
     cases = build_inputs(models, adapter, args)
     start = time.perf_counter()
-    references, target_speed = target_references(models.target, cases, args.max_new_tokens, repeats=args.repeats)
+    references = target_references(models.target, cases, args.max_new_tokens)
     runs = default_runs(tuple(args.gammas), tuple(args.tree_sizes), args.tree_depth, args.tree_top_k)
-    rows = {}
+    rows, target_speed = {}, {}
     for temperature in args.temperatures:
-        rows[f"T={temperature:g}"] = compare_strategies(
+        name = f"T={temperature:g}"
+        rows[name], target_speed[name] = compare_strategies(
             models.target, models.multimodal_drafter, models.processor, cases, runs, temperature,
             args.max_new_tokens, references=references, repeats=args.repeats, seed=args.seed)
     report = {
@@ -171,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "world_seed": args.world_seed, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
         "machine": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
         "target_tokens_per_second": target_speed, "rows": rows, "seconds": time.perf_counter() - start,
+        "load": f"load average at the end: {_load_average()}" + (f"; {args.load_note}" if args.load_note else ""),
     }
     report["checks"] = acceptance_checks(rows)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,10 @@ row pools its requests (counts and times summed, so ratios are token-weighted):
 
 - `tokens_per_target_forward`: MAL (tokens emitted per verification forward, bonus included);
 - `tokens_per_second`: new tokens over the engine's wall time, vision and prefill included; the median
-  over `repeats` interleaved passes (configurations run round-robin, so drift hits all alike);
+  over `repeats` passes. Configurations are interleaved per *request* (each prompt runs under every
+  configuration, in a rotating order, before the next prompt), so load from other jobs on a shared machine
+  falls on all rows alike instead of on whichever row happened to run during it;
+- `speedup`: over `target.generate` on the same prompts, timed inside the same interleaving;
 - `position_acceptance`: per block position (a tree: per depth);
 - `identical` / `requests`: greedy outputs equal to `target.generate(do_sample=False)`.
 """
@@ -72,52 +75,61 @@ class _Row:
     requests: int = 0
 
 
-def target_references(target: Any, cases: list[Any], max_new_tokens: int, repeats: int = 1
-                      ) -> tuple[list[list[int]], float]:
-    """Greedy `target.generate` outputs and the target alone's tokens/s (median over `repeats` passes)."""
-    references, rates = [], []
-    for repeat in range(repeats):
-        tokens, seconds = 0, 0.0
-        for index, inputs in enumerate(cases):
-            start = time.perf_counter()
-            with torch.no_grad():
-                output = target.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
-            seconds += time.perf_counter() - start
-            new = output[0, inputs["input_ids"].shape[1]:].tolist()
-            tokens += len(new)
-            if repeat == 0:
-                references.append(new)
-        rates.append(tokens / seconds)
-    return references, statistics.median(rates)
+def target_references(target: Any, cases: list[Any], max_new_tokens: int) -> list[list[int]]:
+    """Greedy `target.generate` outputs: what every greedy row must reproduce token for token."""
+    references = []
+    for inputs in cases:
+        with torch.no_grad():
+            output = target.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+        references.append(output[0, inputs["input_ids"].shape[1]:].tolist())
+    return references
 
 
 def compare_strategies(target: Any, drafter: Any, processor: Any, cases: list[Any], runs: list[StrategyRun],
                        temperature: float, max_new_tokens: int, references: list[list[int]] | None = None,
-                       repeats: int = 3, seed: int = 0) -> list[dict[str, Any]]:
-    """Run every configuration over `cases` `repeats` times (round-robin) and summarise each as a row."""
+                       repeats: int = 3, seed: int = 0) -> tuple[list[dict[str, Any]], float]:
+    """Every configuration on every case, `repeats` times, interleaved per request; rows and the target's tok/s."""
     generator = SpeculativeGenerator(target, drafter, processor)
     rows = [_Row(run) for run in runs]
+    slots: list[_Row | None] = [None, *rows]  # None: the target alone, timed in the same rotation
+    target_tokens = [0] * repeats
+    target_seconds = [0.0] * repeats
+    sampling = {"do_sample": False} if temperature == 0 else {"do_sample": True, "temperature": temperature}
     for repeat in range(repeats):
-        order = rows[repeat % len(rows):] + rows[: repeat % len(rows)]
-        for row in order:
-            tokens, seconds = 0, 0.0
-            for index, inputs in enumerate(cases):
-                output = generator.generate_from_inputs(
+        tokens = [0] * len(rows)
+        seconds = [0.0] * len(rows)
+        for index, inputs in enumerate(cases):
+            shift = (index + repeat) % len(slots)
+            for slot in slots[shift:] + slots[:shift]:
+                if slot is None:
+                    torch.manual_seed(seed + index)
+                    start = time.perf_counter()
+                    with torch.no_grad():
+                        output = target.generate(**inputs, max_new_tokens=max_new_tokens, **sampling)
+                    target_seconds[repeat] += time.perf_counter() - start
+                    target_tokens[repeat] += output.shape[1] - inputs["input_ids"].shape[1]
+                    continue
+                position = rows.index(slot)
+                result = generator.generate_from_inputs(
                     inputs, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + index,
-                    **row.run.kwargs())
-                tokens += output.stats.new_tokens
-                seconds += output.stats.total_seconds
+                    **slot.run.kwargs())
+                tokens[position] += result.stats.new_tokens
+                seconds[position] += result.stats.total_seconds
                 if repeat == 0:
-                    row.stats.append(output.stats)
-                    row.requests += 1
+                    slot.stats.append(result.stats)
+                    slot.requests += 1
                     if references is not None and temperature == 0:
-                        row.identical += output.generated_ids[0].tolist() == references[index]
-            row.tokens_per_second.append(tokens / seconds)
-            logger.info("%s T=%g pass %d: %.1f tok/s", row.run.name, temperature, repeat, tokens / seconds)
-    return [_summary(row, temperature) for row in rows]
+                        slot.identical += result.generated_ids[0].tolist() == references[index]
+        for position, row in enumerate(rows):
+            row.tokens_per_second.append(tokens[position] / seconds[position])
+        logger.info("T=%g pass %d: target %.1f tok/s; %s", temperature, repeat,
+                    target_tokens[repeat] / target_seconds[repeat],
+                    ", ".join(f"{row.run.name} {row.tokens_per_second[-1]:.1f}" for row in rows))
+    target_speed = statistics.median(count / time_spent for count, time_spent in zip(target_tokens, target_seconds))
+    return [_summary(row, temperature, target_speed) for row in rows], target_speed
 
 
-def _summary(row: _Row, temperature: float) -> dict[str, Any]:
+def _summary(row: _Row, temperature: float, target_speed: float) -> dict[str, Any]:
     merged = GenerationStats.merge(row.stats)
     data = row.run.describe()
     data.update(
@@ -131,6 +143,7 @@ def _summary(row: _Row, temperature: float) -> dict[str, Any]:
         branch_accepted=merged.branch_accepted,
         tokens_per_second=statistics.median(row.tokens_per_second),
         tokens_per_second_runs=row.tokens_per_second,
+        speedup=statistics.median(row.tokens_per_second) / target_speed,
         new_tokens=merged.new_tokens,
         requests=row.requests,
         identical=row.identical if temperature == 0 else None,

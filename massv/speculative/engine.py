@@ -191,7 +191,11 @@ class SpeculativeGenerator:
                 target=self.target, adapter=self.adapter, prompt_ids=input_ids, image_inputs=image_inputs,
                 vision_features=vision_features, settings=settings, eos_token_ids=frozenset(eos_ids),
                 replacement_id=self._replacement_id(), random=random,
-                confidence_threshold=length_controller.settings.confidence_threshold if length_controller else None,
+                # Greedy only: there a draft survives iff it is the target's argmax, which a calibrated drafter's
+                # own probability estimates. When sampling, a draft survives with min(1, p/q) whatever q(x) is
+                # (a drafter equal to the target is always accepted), so q(x) says nothing about acceptance.
+                confidence_threshold=length_controller.settings.confidence_threshold
+                if length_controller and settings.greedy else None,
             )
             proposer = self.proposer_class(self.drafter, request)
             if tree_shape is not None:

@@ -2,8 +2,8 @@
 
 - `chain`: γ drafts every block (`num_draft_tokens`).
 - `adaptive`: a chain whose length follows Hugging Face's heuristic (+2 after a fully accepted block, -1
-  after a rejection) and which stops early when the drafter's probability of its own guess falls below a
-  threshold (HF's `assistant_confidence_threshold`): the drafter knows when it is guessing.
+  after a rejection) and which, under greedy decoding, stops early when the drafter's probability of its
+  own guess falls below a threshold (HF's `assistant_confidence_threshold`): it knows when it is guessing.
 - `tree`: EAGLE-2's dynamic draft tree (`massv.speculative.proposers.tree`), verified in one target forward.
 
 The settings are plain frozen dataclasses so a benchmark or the CLI can name a configuration exactly.
@@ -39,8 +39,10 @@ class TreeShape:
 class AdaptiveLength:
     """Per-request chain length: starts at γ, +2 after full acceptance, -1 after a rejection, in [1, max_tokens].
 
-    `confidence_threshold`: the drafter stops a block when its probability of its guess is below this
-    (None: never); a block cut short that way and fully accepted leaves the length unchanged.
+    `confidence_threshold`: under greedy decoding the drafter stops a block when its probability of its guess
+    is below this (None: never); a block cut short that way and fully accepted leaves the length unchanged.
+    Sampling uses the +2/-1 rule alone: a sampled draft is kept with probability min(1, p/q), which the
+    drafter's q(x) does not predict (a drafter identical to the target is always accepted, however low q(x)).
     """
 
     max_tokens: int = 16
