@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from massv.families import FamilyAdapter
-from massv.speculative.tree import DraftTree, keep_tail_entries, tree_attention_masks
+from massv.speculative.tree import AttentionLayout, DraftTree, keep_tail_entries, tree_attention_masks
 
 
 def new_rollback_cache(model: PreTrainedModel) -> DynamicCache:
@@ -37,6 +37,7 @@ class TargetVerifier:
         self.cache = new_rollback_cache(model)
         self.length = 0  # tokens in the cache
         self.position_state: Any = None
+        self.layout = AttentionLayout.of(model.config)
 
     def prefill(self, input_ids: torch.Tensor, image_inputs: dict[str, torch.Tensor],
                 projected_features: torch.Tensor | None, logits_to_keep: int = 1) -> torch.Tensor:
@@ -83,7 +84,7 @@ class TargetVerifier:
         key_positions = torch.cat([torch.arange(self.length, device=device), query_positions])
         ancestors = tree.ancestors(device)
         visible = torch.cat([ancestors.new_ones(ancestors.shape[0], self.length), ancestors], dim=1)
-        masks = tree_attention_masks(self.model.config, self.cache, query_positions, key_positions, visible,
+        masks = tree_attention_masks(self.layout, self.cache, query_positions, key_positions, visible,
                                      self.model.dtype)
         tokens = torch.cat([root_token.view(1, 1), drafts.view(1, -1).to(device)], dim=1)
         return self.verify(tokens, text_positions=query_positions, attention_mask=masks)

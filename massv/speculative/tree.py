@@ -27,6 +27,7 @@ class DraftTree:
 
     parents: list[int]  # (n,) node i + 1's parent, in 0..i (0 = the root)
     depths: list[int] = field(default_factory=list)  # (n,) 1 for the root's children
+    _ancestors: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for index, parent in enumerate(self.parents):
@@ -56,13 +57,16 @@ class DraftTree:
 
     def ancestors(self, device: torch.device | None = None) -> torch.Tensor:
         """`(n + 1, n + 1)` bool: `[i, j]` is True when node j is node i or one of its ancestors."""
-        size = self.num_nodes + 1
-        matrix = torch.zeros(size, size, dtype=torch.bool)
-        matrix[0, 0] = True
-        for index, parent in enumerate(self.parents, start=1):
-            matrix[index] = matrix[parent]
-            matrix[index, index] = True
-        return matrix.to(device) if device is not None else matrix
+        if self._ancestors is None:  # built once per tree: the verifier, the rule and the history all need it
+            rows = [[0]]
+            for index, parent in enumerate(self.parents, start=1):
+                rows.append(rows[parent] + [index])
+            size = self.num_nodes + 1
+            flat = [row_index * size + column for row_index, row in enumerate(rows) for column in row]
+            matrix = torch.zeros(size * size, dtype=torch.bool)
+            matrix[torch.tensor(flat, dtype=torch.long)] = True
+            self._ancestors = matrix.view(size, size)
+        return self._ancestors.to(device) if device is not None else self._ancestors
 
     def node_depths(self, device: torch.device | None = None) -> torch.Tensor:
         """`(n + 1,)` long: 0 for the root, then each draft's depth."""
@@ -77,14 +81,22 @@ class DraftTree:
         return path[::-1]
 
 
-def layer_types(config: PretrainedConfig) -> list[str]:
-    """Per-layer attention kinds of a text config (`full_attention` / `sliding_attention`)."""
-    text_config = config.get_text_config()
-    types = getattr(text_config, "layer_types", None)
-    return list(types) if types else ["full_attention"] * int(text_config.num_hidden_layers)
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Which attention kind each layer has, and the sliding window: read once per model (configs are slow)."""
+
+    layer_types: tuple[str, ...]
+    sliding_window: int | None
+
+    @classmethod
+    def of(cls, config: PretrainedConfig) -> AttentionLayout:
+        text_config = config.get_text_config()
+        types = getattr(text_config, "layer_types", None)
+        types = tuple(types) if types else ("full_attention",) * int(text_config.num_hidden_layers)
+        return cls(types, getattr(text_config, "sliding_window", None))
 
 
-def tree_attention_masks(config: PretrainedConfig, cache: DynamicCache, query_positions: torch.Tensor,
+def tree_attention_masks(layout: AttentionLayout, cache: DynamicCache, query_positions: torch.Tensor,
                          key_positions: torch.Tensor, visible: torch.Tensor, dtype: torch.dtype
                          ) -> dict[str, torch.Tensor]:
     """One additive `(1, 1, q, kv)` mask per layer type for a forward of q tree nodes on `cache`.
@@ -95,8 +107,7 @@ def tree_attention_masks(config: PretrainedConfig, cache: DynamicCache, query_po
     hands attention (`get_mask_sizes`); sliding layers also drop keys `sliding_window` or more positions back.
     """
     num_queries = query_positions.shape[0]
-    types = layer_types(config)
-    window = getattr(config.get_text_config(), "sliding_window", None)
+    types, window = layout.layer_types, layout.sliding_window
     minimum = torch.finfo(dtype).min
     masks = {}
     for kind in dict.fromkeys(types):

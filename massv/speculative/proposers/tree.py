@@ -25,7 +25,7 @@ from transformers import DynamicCache
 from massv.speculative.proposers.base import CommittedTokens, DrafterPairError, Proposal, Proposer
 from massv.speculative.proposers.language_model import CausalLMProposer
 from massv.speculative.strategy import TreeShape
-from massv.speculative.tree import DraftTree, keep_tail_entries, tree_attention_masks
+from massv.speculative.tree import AttentionLayout, DraftTree, keep_tail_entries, tree_attention_masks
 
 
 class TreeProposer(Proposer):
@@ -42,9 +42,12 @@ class TreeProposer(Proposer):
         self.shape = shape
         self.base.cache = DynamicCache()  # slot-indexed; windows are applied by position in the masks
         self.request = base.request
+        self.layout = AttentionLayout.of(base.language_model.config)
         self.last_tree: DraftTree | None = None
         self.root_slots = 0  # drafter cache length before the tree's nodes
         self.node_slots: dict[int, int] = {}  # tree node -> drafter cache slot (the nodes that were fed)
+        self._parent: list[int] = []  # this block's pool of candidate nodes: parent index (-1: the root)
+        self._depth: list[int] = []  # and depth
 
     # ---- the seam --------------------------------------------------------------------------------------
     def prefill(self, sequence: CommittedTokens) -> int:
@@ -68,7 +71,9 @@ class TreeProposer(Proposer):
         pool_parent: list[int] = []
         pool_depth: list[int] = []
         pool_scores: list[torch.Tensor] = []
+        self._parent, self._depth = pool_parent, pool_depth  # read by `_masks`
         fed: list[int] = []  # pool indices in drafter cache order
+        visible_slots: dict[int, list[int]] = {-1: []}  # fed node -> tree slots it sees (ancestors, itself)
         log_probs = self._log_probs(root_logits, None if seen is None else seen.unsqueeze(0))[0]
         values, ids = log_probs.topk(min(top_k, log_probs.shape[-1]))
         self._add_children(pool_tokens, pool_parent, pool_depth, pool_scores, ids.view(1, -1), values.view(1, -1),
@@ -81,8 +86,9 @@ class TreeProposer(Proposer):
             if not expand:
                 break
             node_ids = torch.stack([pool_tokens[index] for index in expand]).view(1, -1)
-            logits = base.forward_nodes(node_ids, self._node_positions(expand, pool_depth, root_position).to(device),
-                                        self._masks(expand, fed, pool_parent, pool_depth, root_position))
+            positions = root_position + depth - 1  # the whole frontier sits at one depth
+            logits = base.forward_nodes(node_ids, torch.full((len(expand),), positions, device=device),
+                                        self._masks(expand, fed, visible_slots, positions))
             fed += expand
             forwards += 1
             rows_seen = None if seen is None else self._seen_rows(seen, expand, pool_tokens, pool_parent)
@@ -145,31 +151,32 @@ class TreeProposer(Proposer):
         keep = torch.isfinite(values[order])
         return [frontier[index] for index, ok in zip(order.tolist(), keep.tolist()) if ok]  # one sync per depth
 
-    @staticmethod
-    def _node_positions(nodes: list[int], depths: list[int], root_position: int) -> torch.Tensor:
-        return torch.tensor([root_position + depths[index] for index in nodes], dtype=torch.long)
+    def _masks(self, expand: list[int], fed: list[int], visible_slots: dict[int, list[int]],
+               position: int) -> dict[str, torch.Tensor]:
+        """Masks for feeding `expand` (one depth, at `position`) after the prefix and the fed nodes `fed`.
 
-    def _masks(self, expand: list[int], fed: list[int], parents: list[int], depths: list[int],
-               root_position: int) -> dict[str, torch.Tensor]:
-        """Masks for feeding `expand` after the prefix and the already-fed nodes `fed`."""
+        `visible_slots` maps each fed node to the tree slots it sees; the new nodes are added to it.
+        """
         base = self.base
-        device = base.device
-        slots = fed + expand
-        slot_index = {index: position for position, index in enumerate(slots)}
-        num_prefix = self.root_slots
-        visible_tree = torch.zeros(len(expand), len(slots), dtype=torch.bool)
+        num_fed, num_prefix = len(fed), self.root_slots
+        flat = []
         for row, index in enumerate(expand):
-            node = index
-            while node != -1:
-                visible_tree[row, slot_index[node]] = True
-                node = parents[node]
-        visible = torch.cat([torch.ones(len(expand), num_prefix, dtype=torch.bool), visible_tree], dim=1).to(device)
+            slots = visible_slots[self._parent[index]] + [num_fed + row]
+            visible_slots[index] = slots
+            flat += [row * (num_fed + len(expand)) + slot for slot in slots]
+        visible_tree = torch.zeros(len(expand) * (num_fed + len(expand)), dtype=torch.bool)
+        visible_tree[torch.tensor(flat, dtype=torch.long)] = True
+        visible = torch.cat([torch.ones(len(expand), num_prefix, dtype=torch.bool),
+                             visible_tree.view(len(expand), -1)], dim=1).to(base.device)
+        # Logical positions of every slot: prefix slots are their positions; a node at depth d sits at
+        # root + d. Earlier depths come first in `fed`, `top_k`-or-fewer nodes each.
+        depth_of_slot = [self._depth[index] for index in fed] + [self._depth[index] for index in expand]
+        root_position = position - self._depth[expand[0]]
         key_positions = torch.cat([torch.arange(num_prefix),
-                                   torch.tensor([root_position + depths[index] for index in slots], dtype=torch.long)])
-        query_positions = self._node_positions(expand, depths, root_position)
-        language_model = base.language_model
-        return tree_attention_masks(language_model.config, base.cache, query_positions.to(device),
-                                    key_positions.to(device), visible, language_model.dtype)
+                                   root_position + torch.tensor(depth_of_slot, dtype=torch.long)]).to(base.device)
+        query_positions = torch.full((len(expand),), position, dtype=torch.long, device=base.device)
+        return tree_attention_masks(self.layout, base.cache, query_positions, key_positions, visible,
+                                    base.language_model.dtype)
 
     def _seen_rows(self, seen: torch.Tensor, nodes: list[int], tokens: list, parents: list[int]) -> torch.Tensor:
         """Per-node repetition-penalty history: the committed tokens plus the node's path."""
