@@ -44,8 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=96, help="(the demo's: 96)")
     parser.add_argument("--gammas", type=int, nargs="+", default=list(range(1, 9)))
     parser.add_argument("--tree-sizes", type=int, nargs="+", default=[4, 8, 16, 24, 32])
-    parser.add_argument("--tree-depth", type=int, default=6)
-    parser.add_argument("--tree-top-k", type=int, default=4)
+    parser.add_argument("--tree-depth", type=int, default=10)
+    parser.add_argument("--tree-top-k", type=int, default=3)
+    parser.add_argument("--tree-min-probability", type=float, default=0.25)
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per row (median reported)")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--seed", type=int, default=0)
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cases = build_inputs(models, adapter, args)
     start = time.perf_counter()
     references = target_references(models.target, cases, args.max_new_tokens)
-    runs = default_runs(tuple(args.gammas), tuple(args.tree_sizes), args.tree_depth, args.tree_top_k)
+    runs = default_runs(tuple(args.gammas), tuple(args.tree_sizes), args.tree_depth, args.tree_top_k,
+                        args.tree_min_probability)
     rows, target_speed = {}, {}
     for temperature in args.temperatures:
         name = f"T={temperature:g}"

@@ -47,7 +47,8 @@ class StrategyRun:
     def describe(self) -> dict[str, Any]:
         data: dict[str, Any] = {"name": self.name, "strategy": self.strategy}
         if self.strategy == "tree":
-            data.update(tree_size=self.tree.size, tree_depth=self.tree.depth, tree_top_k=self.tree.top_k)
+            data.update(tree_size=self.tree.size, tree_depth=self.tree.depth, tree_top_k=self.tree.top_k,
+                        tree_min_probability=self.tree.min_probability)
         else:
             data["num_draft_tokens"] = self.num_draft_tokens
         if self.strategy == "adaptive":
@@ -57,11 +58,13 @@ class StrategyRun:
 
 
 def default_runs(gammas: tuple[int, ...] = tuple(range(1, 9)), tree_sizes: tuple[int, ...] = (4, 8, 16, 24, 32),
-                 tree_depth: int = 6, tree_top_k: int = 4, adaptive_start: int = 5) -> list[StrategyRun]:
+                 tree_depth: int = 10, tree_top_k: int = 3, tree_min_probability: float = 0.25,
+                 adaptive_start: int = 5) -> list[StrategyRun]:
     """The γ sweep, the adaptive chain (starting at γ = `adaptive_start`) and the tree-size sweep."""
     runs = [StrategyRun(f"chain γ={gamma}", "chain", gamma) for gamma in gammas]
     runs.append(StrategyRun("adaptive", "adaptive", adaptive_start, adaptive=AdaptiveLength()))
-    runs += [StrategyRun(f"tree n={size}", "tree", tree=TreeShape(size=size, depth=tree_depth, top_k=tree_top_k))
+    runs += [StrategyRun(f"tree n={size}", "tree", tree=TreeShape(size=size, depth=tree_depth, top_k=tree_top_k,
+                                                                  min_probability=tree_min_probability))
              for size in tree_sizes]
     return runs
 

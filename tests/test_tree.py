@@ -32,7 +32,7 @@ from tests.engine_helpers import noisy_multimodal_copy, noisy_text_copy
 PROMPTS = ["Describe the image.", "What colour is the square?", "How many circles are there?",
            "Where is the red star?", "Write a caption."]
 NOISE = 0.5
-TREES = (TreeShape(size=6, depth=3, top_k=2), TreeShape())  # a small tree and the default one
+TREES = (TreeShape(size=6, depth=3, top_k=2, min_probability=0.0), TreeShape())  # small fixed-depth; the default
 
 
 @dataclass
@@ -197,7 +197,7 @@ def test_drafter_cache_after_gather_matches_recompute(setup: Setup, drafter_kind
                            image_inputs=_image_inputs(setup, inputs), vision_features=features,
                            settings=SamplingConfig(), eos_token_ids=frozenset(), replacement_id=0)
     proposer_class = proposer_class_for(drafter)
-    shape = TreeShape(size=8, depth=4, top_k=3)
+    shape = TreeShape(size=8, depth=4, top_k=3, min_probability=0.0)
 
     def started(sequence: CommittedTokens) -> TreeProposer:
         proposer = TreeProposer(proposer_class(drafter, request), shape)

@@ -19,6 +19,8 @@ does, rather than by slot in the cache.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import DynamicCache
 
@@ -81,9 +83,10 @@ class TreeProposer(Proposer):
         frontier = list(range(len(pool_tokens)))
         forwards = 1
         eos = torch.tensor(sorted(request.eos_token_ids), dtype=torch.long, device=device)
+        min_log_probability = math.log(self.shape.min_probability) if self.shape.min_probability > 0 else -math.inf
         for depth in range(2, depth_limit + 1):
-            expand = self._expandable(frontier, pool_tokens, pool_scores, eos, top_k)
-            if not expand:
+            expand, best = self._expandable(frontier, pool_tokens, pool_scores, eos, top_k)
+            if not expand or best < min_log_probability:
                 break
             node_ids = torch.stack([pool_tokens[index] for index in expand]).view(1, -1)
             positions = root_position + depth - 1  # the whole frontier sits at one depth
@@ -141,15 +144,19 @@ class TreeProposer(Proposer):
                 scores.append(cumulative[row, column])
 
     @staticmethod
-    def _expandable(frontier: list[int], tokens: list, scores: list, eos: torch.Tensor, top_k: int) -> list[int]:
-        """The `top_k` most probable frontier nodes worth expanding (none after an end-of-sequence draft)."""
+    def _expandable(frontier: list[int], tokens: list, scores: list, eos: torch.Tensor, top_k: int
+                    ) -> tuple[list[int], float]:
+        """The `top_k` most probable frontier nodes worth expanding (none after an end-of-sequence draft),
+        and the best one's cumulative log-probability."""
         values = torch.stack([scores[index] for index in frontier])
         ids = torch.stack([tokens[index] for index in frontier])
         if eos.numel():
             values = values.masked_fill(torch.isin(ids, eos), float("-inf"))
         order = torch.argsort(values, descending=True, stable=True)[:top_k]
-        keep = torch.isfinite(values[order])
-        return [frontier[index] for index, ok in zip(order.tolist(), keep.tolist()) if ok]  # one sync per depth
+        chosen = values[order]
+        order_list, chosen_list = torch.stack([order.to(chosen.dtype), chosen]).tolist()  # one sync per depth
+        expand = [frontier[int(index)] for index, value in zip(order_list, chosen_list) if math.isfinite(value)]
+        return expand, chosen_list[0] if chosen_list else -math.inf
 
     def _masks(self, expand: list[int], fed: list[int], visible_slots: dict[int, list[int]],
                position: int) -> dict[str, torch.Tensor]:
