@@ -99,6 +99,18 @@ def test_greedy_adaptive_matches_target_generate(setup: Setup, drafter_kind: str
     assert len(lengths) >= 3, lengths  # the length did adapt
 
 
+def test_min_probability_stops_growth_early_and_stays_lossless(setup: Setup) -> None:
+    """A high path-probability floor spends fewer drafter forwards per block; the output is the same."""
+    generator = SpeculativeGenerator(setup.pair.target, setup.drafters["noisy-multimodal"], setup.pair.processor)
+    forwards = {}
+    for floor in (0.0, 0.9):
+        shape = TreeShape(size=16, depth=6, top_k=3, min_probability=floor)
+        output = generator.generate_from_inputs(setup.cases[0], max_new_tokens=29, strategy="tree", tree=shape)
+        assert output.generated_ids[0].tolist() == setup.reference(0, 29)
+        forwards[floor] = (output.stats.drafter_forwards - 1) / output.stats.verification_steps
+    assert forwards[0.9] < forwards[0.0], forwards
+
+
 def test_length_controller_follows_hf_heuristic() -> None:
     controller = LengthController(5, AdaptiveLength(max_tokens=8))
     controller.update(requested=5, proposed=5, accepted=5)
