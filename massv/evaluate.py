@@ -68,6 +68,21 @@ class EvalSettings:
     max_new_tokens: int = 128
     seed: int = 0
     check_lossless: bool = True  # greedy only: compare every output with target.generate
+    strategy: str = "chain"  # "chain", "adaptive" or "tree" (massv.speculative.strategy)
+    tree_size: int = 16  # tree only: nodes the target verifies per block
+    tree_depth: int = 10  # tree only: at most this many drafter forwards per block
+    tree_top_k: int = 3  # tree only: children per expanded node
+    tree_min_probability: float = 0.25  # tree only: stop growing once every frontier path is less likely
+
+    def strategy_kwargs(self) -> dict[str, Any]:
+        """The `generate_from_inputs` arguments that choose the drafting strategy."""
+        from massv.speculative.strategy import TreeShape
+
+        kwargs: dict[str, Any] = {"strategy": self.strategy}
+        if self.strategy == "tree":
+            kwargs["tree"] = TreeShape(size=self.tree_size, depth=self.tree_depth, top_k=self.tree_top_k,
+                                       min_probability=self.tree_min_probability)
+        return kwargs
 
 
 @dataclass
@@ -179,7 +194,7 @@ def _measure(target: Any, generator: Any, inputs: Any, sample: BenchmarkSample, 
     start = time.perf_counter()
     output = generator.generate_from_inputs(
         inputs, max_new_tokens=settings.max_new_tokens, num_draft_tokens=settings.num_draft_tokens,
-        seed=settings.seed, **asdict(decoding),
+        seed=settings.seed, **asdict(decoding), **settings.strategy_kwargs(),
     )
     speculative_seconds = time.perf_counter() - start
     output.stats.total_seconds = speculative_seconds  # include input transfer, as the baseline does
@@ -313,7 +328,8 @@ def render_markdown(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"- target: `{summary.get('target')}`",
         f"- drafter: `{summary.get('drafter')}`",
         f"- γ = {settings.get('num_draft_tokens')}, T = {settings.get('temperature')}, top-p = {settings.get('top_p')}, "
-        f"max new tokens = {settings.get('max_new_tokens')}, seed = {settings.get('seed')}",
+        f"max new tokens = {settings.get('max_new_tokens')}, seed = {settings.get('seed')}, "
+        f"strategy = {settings.get('strategy', 'chain')}",
         f"- device: {summary.get('device')}, dtype: {summary.get('dtype')}",
         "",
         "| samples | MAL | accepted drafts / step | acceptance rate | speedup vs target | target tok/s | "
@@ -449,6 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", type=Path, default=None, help="directory holding the benchmark's files")
     parser.add_argument("--split", default=None, help="benchmark split (default: the benchmark's usual one)")
     parser.add_argument("--num-draft-tokens", type=int, default=None, help="γ: drafts per verification (default: 5)")
+    parser.add_argument("--strategy", choices=["chain", "adaptive", "tree"], default="chain",
+                        help="drafting: a chain of γ, an adaptive chain (starts at γ; +2 / -1 and a drafter-confidence "
+                        "stop), or an EAGLE-2 draft tree (default: chain)")
+    parser.add_argument("--tree-size", type=int, default=16, help="tree: nodes verified per block (default: 16)")
+    parser.add_argument("--tree-depth", type=int, default=10, help="tree: most drafter forwards per block (default: 10)")
+    parser.add_argument("--tree-top-k", type=int, default=3, help="tree: children per expanded node (default: 3)")
+    parser.add_argument("--tree-min-probability", type=float, default=0.25,
+                        help="tree: stop growing once no frontier path is this probable (0: fixed depth; default 0.25)")
     parser.add_argument("--temperature", type=float, default=None, help="0: greedy (default: 0)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=None,
@@ -500,9 +524,13 @@ def _resolve_arguments(args: argparse.Namespace) -> EvalSettings:
         temperature=0.0 if args.temperature is None else args.temperature,
         top_p=args.top_p, top_k=args.top_k,
         max_new_tokens=128 if args.max_new_tokens is None else args.max_new_tokens, seed=args.seed,
+        strategy=args.strategy, tree_size=args.tree_size, tree_depth=args.tree_depth, tree_top_k=args.tree_top_k,
+        tree_min_probability=args.tree_min_probability,
     )
     if settings.num_draft_tokens < 1 or settings.max_new_tokens < 1 or settings.temperature < 0:
         raise InputError("--num-draft-tokens and --max-new-tokens must be >= 1, --temperature >= 0")
+    if min(settings.tree_size, settings.tree_depth, settings.tree_top_k) < 1 or not 0 <= settings.tree_min_probability < 1:
+        raise InputError("--tree-size, --tree-depth and --tree-top-k must be >= 1, --tree-min-probability in [0, 1)")
     return settings
 
 

@@ -264,3 +264,16 @@ def test_both_sides_decode_with_the_same_resolved_settings(tiny_pair, tmp_path, 
     assert [call["do_sample"] for call in recorded] == [False, False]
     assert all(call["repetition_penalty"] == 1.3 for call in recorded)  # the penalty applies greedily too
     assert all(row["identical_to_target"] for row in greedy_rows)  # and the engine applied it the same way
+
+
+@pytest.mark.parametrize("strategy", ["tree", "adaptive"])
+def test_eval_strategy_flag_reaches_the_engine(saved_models, tmp_path, qwen_only, strategy):
+    """`massv eval --strategy` drafts trees / adaptive chains, still lossless, and records the choice."""
+    code, summary, rows = _run(saved_models, tmp_path, "--benchmark", "world", "--world-seed", "90817", "--world-num",
+                               "2", "--strategy", strategy, "--tree-size", "5", "--tree-depth", "3")
+    assert code == 0
+    assert summary["lossless_checked"] == 2 and summary["lossless_mismatches"] == 0
+    assert summary["settings"]["strategy"] == strategy
+    assert f"strategy = {strategy}" in (tmp_path / "summary.md").read_text()
+    if strategy == "tree":  # 5 nodes per block, at most depth 3: up to 4 tokens per target forward
+        assert all(1 <= length <= 4 for row in rows for length in row["accepted_lengths"])

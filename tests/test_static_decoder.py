@@ -131,3 +131,17 @@ def test_static_cache_logits_after_rollbacks_equal_a_recompute(qwen_pair) -> Non
         replaced = sequence[:9] + [7, 9]
         torch.testing.assert_close(forward([7, 9], 9), recompute(replaced))
         torch.testing.assert_close(decoder.step(torch.tensor([[3]]), 11)[0], recompute(replaced + [3]))
+
+
+def test_trees_take_the_eager_path_of_a_compiled_generator(qwen_pair, monkeypatch) -> None:
+    drafter = noisy_multimodal_copy(qwen_pair.target, len(qwen_pair.tokenizer), noise=0.5)
+    generator = SpeculativeGenerator(qwen_pair.target, drafter, qwen_pair.processor, compile_drafter=True,
+                                     compile_backend="eager", compile_max_length=256)
+    steps = _count_steps(monkeypatch)
+    inputs = prompt_inputs(qwen_pair, "What colour is the square?", random_image(4))
+    output = generator.generate_from_inputs(inputs, max_new_tokens=16, num_draft_tokens=4, strategy="tree")
+    assert output.generated_ids[0].tolist() == _reference(qwen_pair, inputs, 16)
+    assert steps == []
+    chain = generator.generate_from_inputs(inputs, max_new_tokens=16, num_draft_tokens=4, strategy="adaptive")
+    assert chain.generated_ids[0].tolist() == _reference(qwen_pair, inputs, 16)
+    assert steps  # an adaptive chain is a chain: it takes the static step

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from massv.speculative.sampling import sample
-
+from massv.speculative.tree import DraftTree
 
 Verdict = tuple[int, int, list[int]]  # (num_accepted, next_token, every draft's id)
 
@@ -75,3 +75,70 @@ def accept_sampled(drafts: torch.Tensor, draft_probs: torch.Tensor | None, targe
     index = num_accepted.view(1, 1).expand(1, target_probs.shape[-1])
     residual = residual_distribution(target_probs.gather(0, index), q_with_bonus_row.gather(0, index))
     return _read_back(num_accepted, sample(residual[0], generator), drafts)
+
+
+# ---- trees --------------------------------------------------------------------------------------------
+TreeVerdict = tuple[list[int], int, list[int]]  # (accepted path of node indices, next_token, every draft's id)
+
+
+def accept_tree_greedy(drafts: torch.Tensor, tree: DraftTree, target_scores: torch.Tensor) -> TreeVerdict:
+    """Walk down the tree while a child equals the target's argmax at its parent; then the target's argmax.
+
+    `drafts: (n,)` the nodes' ids, `target_scores: (n + 1, vocab)` row i the target's scores after the path
+    to node i (row 0: the root). Siblings differ, so at most one child of a node matches and the accepted
+    nodes form one path: the deepest node whose ancestors all matched. One host sync, as for a chain.
+    """
+    choice = target_scores.argmax(dim=-1)  # (n + 1,)
+    device = choice.device
+    drafts = drafts.to(device)
+    parents = torch.tensor(tree.parents, dtype=torch.long, device=device)
+    matches = torch.cat([torch.ones(1, dtype=torch.bool, device=device), drafts == choice[parents]])
+    ancestors = tree.ancestors(device)
+    on_accepted_path = ~(ancestors & ~matches[None, :]).any(dim=1)  # (n + 1,) every ancestor-or-self matched
+    deepest = torch.where(on_accepted_path, tree.node_depths(device), -1).argmax()
+    path_mask = ancestors[deepest]
+    values = torch.cat([choice[deepest].view(1), drafts, path_mask[1:].to(drafts.dtype)]).tolist()
+    num_drafts = drafts.shape[0]
+    path = [index + 1 for index, flag in enumerate(values[1 + num_drafts :]) if flag]
+    return path, int(values[0]), [int(value) for value in values[1 : 1 + num_drafts]]
+
+
+def accept_tree_sampled(drafts: torch.Tensor, tree: DraftTree, target_probs: torch.Tensor,
+                        generator: torch.Generator | None = None) -> TreeVerdict:
+    """Multi-draft speculative sampling over a tree of deterministic drafts (EAGLE's recursive rejection).
+
+    At a node with target distribution p, its children x_1, x_2, ... are tried in order: x_i is accepted
+    with probability p_i(x_i), where p_1 = p and p_{i+1} = p_i with x_i removed and renormalised. Whatever
+    is not accepted by the children is drawn from the last residual. Each token x is thereby emitted with
+    probability exactly p(x) (x_1 with p(x_1); x_2 with (1 - p(x_1)) p(x_2) / (1 - p(x_1)); ...), so the
+    output has the target's distribution for any choice of children: the drafter only decides which
+    tokens are tried first. An accepted child continues the walk with its own row of `target_probs`.
+    One host sync per visited node (the children's probabilities).
+    """
+    device = target_probs.device
+    draft_ids = drafts.tolist()
+    node, path = 0, []
+    while True:
+        children = tree.children(node)
+        row = target_probs[node]
+        if not children:
+            return path, int(sample(row, generator)), draft_ids
+        child_ids = torch.tensor([draft_ids[child - 1] for child in children], dtype=torch.long, device=device)
+        uniforms = torch.rand(len(children), generator=generator, device=device)
+        child_mass, uniform_values = torch.stack([row[child_ids], uniforms]).tolist()
+        remaining = float(row.sum())
+        accepted = None
+        for child, mass, uniform in zip(children, child_mass, uniform_values):
+            if remaining > 0 and uniform * remaining < mass:  # u < p_i(x_i) = mass / remaining
+                accepted = child
+                break
+            remaining -= mass
+        if accepted is None:
+            residual = row.clone()
+            residual[child_ids] = 0.0
+            total = residual.sum()
+            # Rounding can leave no residual mass (children covered p): then p itself is the right law.
+            residual = residual / total if float(total) > 0 else row
+            return path, int(sample(residual, generator)), draft_ids
+        path.append(accepted)
+        node = accepted

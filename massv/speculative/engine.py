@@ -5,9 +5,13 @@ One request (batch size 1) runs:
      features, and a MASSV drafter's own kind);
   2. the target's prompt pass (prefill) with the family's prompt-only inputs; it emits the first new token;
      the proposer reads its own view of the prompt;
-  3. blocks of: (a) the proposer drafts up to γ tokens; (b) the target scores `[last token] + drafts` in
-     one forward; (c) an acceptance rule (acceptance.py) keeps a prefix and adds one target token;
-     (d) both sides drop what was rejected.
+  3. blocks of: (a) the proposer drafts up to γ tokens (a chain) or a tree of them; (b) the target scores
+     `[last token] + drafts` in one forward (a tree with a tree mask and per-node positions); (c) an
+     acceptance rule (acceptance.py) keeps a prefix (a root-to-node path of a tree) and adds one target
+     token; (d) both sides drop what was rejected (a tree's accepted path is gathered into place first).
+
+`strategy` picks how much is drafted (`massv.speculative.strategy`): a fixed chain of γ, an adaptive chain
+(HF's +2/-1 heuristic and a drafter-confidence stop, per request) or an EAGLE-2 draft tree.
 
 Greedy output equals `target.generate(do_sample=False)` token for token; sampled output has the target's
 distribution (speculative sampling). The drafting strategy sits behind the proposer seam
@@ -27,7 +31,7 @@ from torch import nn
 from transformers import BatchFeature, PreTrainedModel, ProcessorMixin
 
 from massv.families import get_adapter
-from massv.speculative.acceptance import accept_greedy, accept_sampled
+from massv.speculative.acceptance import accept_greedy, accept_sampled, accept_tree_greedy, accept_tree_sampled
 from massv.speculative.proposers import (
     CommittedTokens,
     StaticDecoder,
@@ -36,6 +40,7 @@ from massv.speculative.proposers import (
     RandomStreams,
     proposer_class_for,
 )
+from massv.speculative.proposers.tree import TreeProposer
 from massv.speculative.sampling import (
     SamplingConfig,
     ScoreProcessor,
@@ -45,7 +50,9 @@ from massv.speculative.sampling import (
     sample,
 )
 from massv.speculative.stats import GenerationStats
+from massv.speculative.strategy import AdaptiveLength, LengthController, TreeShape, check_strategy
 from massv.speculative.target import TargetVerifier
+from massv.speculative.tree import DraftTree
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +141,9 @@ class SpeculativeGenerator:
         seed: int | None = None,
         eos_token_id: int | list[int] | None = None,
         streamer: Any = None,
+        strategy: str = "chain",
+        tree: TreeShape | None = None,
+        adaptive: AdaptiveLength | None = None,
         **sampling_settings: Any,
     ) -> SpeculativeOutput:
         """Generate from the exact tensors one would give `target.generate(**processor_outputs, ...)`.
@@ -144,21 +154,31 @@ class SpeculativeGenerator:
         `epsilon_cutoff`, `eta_cutoff` by keyword) take the values `generate()` would use: the target's
         generation config, else Hugging Face's defaults (note: top_k=50 when sampling); `top_k=0` disables
         top-k. `streamer` receives the prompt, then each block's tokens, as `generate()`'s does.
+
+        `strategy`: "chain" (γ = `num_draft_tokens` drafts per block), "adaptive" (a chain starting at γ whose
+        length and early stop follow `adaptive`, default `AdaptiveLength()`), or "tree" (an EAGLE-2 draft tree
+        of shape `tree`, default `TreeShape()`; `num_draft_tokens` is then unused). Every strategy is lossless.
         """
         # 0. Check everything before any model work.
         self._check_lengths(max_new_tokens, num_draft_tokens)
+        check_strategy(strategy)
+        tree_shape = (tree or TreeShape()) if strategy == "tree" else None
+        length_controller = LengthController(num_draft_tokens, adaptive or AdaptiveLength()) \
+            if strategy == "adaptive" else None
         settings = self.resolve_settings(temperature, top_p, top_k, repetition_penalty, **sampling_settings)
         input_ids, image_inputs = self._request_inputs(processor_outputs)
         eos_ids = self._eos_ids(eos_token_id)
         random = RandomStreams(seed)
         target_generator = random.on(self.target.device)
         target_scores = ScoreProcessor(settings, self.target.device)
-        stats = GenerationStats(num_draft_tokens=num_draft_tokens, prompt_tokens=input_ids.shape[1])
+        most_drafts = tree_shape.size if tree_shape else (
+            length_controller.settings.max_tokens if length_controller else num_draft_tokens)
+        stats = GenerationStats(num_draft_tokens=most_drafts, prompt_tokens=input_ids.shape[1], strategy=strategy)
         request_start = time.perf_counter()
 
         # 1. Vision encoder, once for everyone.
         clock = time.perf_counter()
-        use_drafter = num_draft_tokens > 0
+        use_drafter = num_draft_tokens > 0 or tree_shape is not None
         kinds = {"projected"} | (set(self.proposer_class.vision_features_needed(self.drafter)) if use_drafter else set())
         vision_features = {}
         if image_inputs:
@@ -168,7 +188,7 @@ class SpeculativeGenerator:
 
         # 2. Prefill: the first new token comes from the target alone; the proposer reads its prompt.
         clock = time.perf_counter()
-        sequence = CommittedTokens(input_ids, capacity=max_new_tokens + num_draft_tokens + 1)
+        sequence = CommittedTokens(input_ids, capacity=max_new_tokens + most_drafts + 1)
         history = TokenHistory(self.adapter.target_vocab_size, self.target.device) if settings.uses_history else None
         if history is not None:
             history.add(input_ids)
@@ -186,8 +206,15 @@ class SpeculativeGenerator:
                 vision_features=vision_features, settings=settings, eos_token_ids=frozenset(eos_ids),
                 replacement_id=self._replacement_id(), random=random,
                 new_positions=max_new_tokens + num_draft_tokens + 1, static_decoder=self.static_decoder,
+                # Greedy only: there a draft survives iff it is the target's argmax, which a calibrated drafter's
+                # own probability estimates. When sampling, a draft survives with min(1, p/q) whatever q(x) is
+                # (a drafter equal to the target is always accepted), so q(x) says nothing about acceptance.
+                confidence_threshold=length_controller.settings.confidence_threshold
+                if length_controller and settings.greedy else None,
             )
             proposer = self.proposer_class(self.drafter, request)
+            if tree_shape is not None:
+                proposer = TreeProposer(proposer, tree_shape)
             stats.drafter_forwards += proposer.prefill(sequence)
         stats.prefill_seconds = time.perf_counter() - clock
 
@@ -195,38 +222,47 @@ class SpeculativeGenerator:
         while sequence.generated[-1] not in eos_ids and len(sequence.generated) < max_new_tokens:
             # (a) Propose. Never draft past max_new_tokens: a block always adds the target's own token.
             clock = time.perf_counter()
-            allowed = min(num_draft_tokens, max_new_tokens - len(sequence.generated) - 1)
+            length = tree_shape.depth if tree_shape else (
+                length_controller.length if length_controller else num_draft_tokens)
+            allowed = min(length, max_new_tokens - len(sequence.generated) - 1)
             proposal = proposer.propose(sequence, allowed) if proposer is not None and allowed > 0 else None
             num_drafts = 0 if proposal is None else len(proposal)
             stats.drafter_forwards += 0 if proposal is None else proposal.forwards
             stats.drafting_seconds += time.perf_counter() - clock
 
-            # (b) Verify: one target forward over the last committed token and the drafts.
+            # (b) Verify: one target forward over the last committed token and the drafts (chain or tree).
+            # (c) Accept a prefix (a tree: a root-to-node path) and add the target's own token.
+            # (d) Commit: drop rejected drafts from both caches (a tree's path gathered into place first).
             clock = time.perf_counter()
             last_token = sequence.ids[:, sequence.length - 1 : sequence.length]
             drafts = last_token.new_empty(0) if proposal is None else proposal.tokens.to(last_token.device)
-            logits = verifier.verify(torch.cat([last_token, drafts.view(1, -1)], dim=1))  # (num_drafts + 1, vocab)
-            stats.target_forwards += 1
-            scores = target_scores(logits, None if history is None else history.rows_with(drafts))
-
-            # (c) Accept a prefix of the drafts and add the target's own token.
-            if settings.greedy:
-                num_accepted, next_token, draft_ids = accept_greedy(drafts, scores)
+            if proposal is not None and proposal.tree is not None:
+                num_accepted, next_token, accepted_ids, accepted_device, judged = self._tree_block(
+                    verifier, proposer, proposal.tree, last_token, drafts, target_scores, history, settings,
+                    target_generator, stats)
             else:
-                num_accepted, next_token, draft_ids = accept_sampled(
-                    drafts, None if proposal is None else proposal.probs, probs_from_scores(scores), target_generator)
-
-            # (d) Commit: drop rejected drafts from both caches, append what was emitted.
-            verifier.rollback(num_drafts - num_accepted)
-            if proposer is not None and proposal is not None:
-                proposer.commit(num_accepted)
-            emitted = draft_ids[:num_accepted] + [next_token]
-            judged = num_accepted + (1 if num_accepted < num_drafts else 0)
-            emitted = self._cut_at_eos(emitted, eos_ids)
+                logits = verifier.verify(torch.cat([last_token, drafts.view(1, -1)], dim=1))  # (num_drafts + 1, vocab)
+                scores = target_scores(logits, None if history is None else history.rows_with(drafts))
+                if settings.greedy:
+                    num_accepted, next_token, draft_ids = accept_greedy(drafts, scores)
+                else:
+                    num_accepted, next_token, draft_ids = accept_sampled(
+                        drafts, None if proposal is None else proposal.probs, probs_from_scores(scores),
+                        target_generator)
+                verifier.rollback(num_drafts - num_accepted)
+                if proposer is not None and proposal is not None:
+                    proposer.commit(num_accepted)
+                accepted_ids, accepted_device = draft_ids[:num_accepted], drafts
+                judged = num_accepted + (1 if num_accepted < num_drafts else 0)
+            stats.target_forwards += 1
+            if length_controller is not None and proposal is not None:
+                length_controller.update(allowed, num_drafts, num_accepted)
+            emitted = self._cut_at_eos(accepted_ids + [next_token], eos_ids)
             if len(emitted) <= num_accepted:  # an accepted draft was EOS: later drafts were never emitted
                 num_accepted = judged = len(emitted)
-            stats.record_step(num_drafts, judged, num_accepted, len(emitted), budget_limited=allowed < num_draft_tokens)
-            self._commit_tokens(sequence, history, emitted, streamer, None, device_tokens=drafts, num_device=num_accepted)
+            stats.record_step(num_drafts, judged, num_accepted, len(emitted), budget_limited=allowed < length)
+            self._commit_tokens(sequence, history, emitted, streamer, None, device_tokens=accepted_device,
+                                num_device=num_accepted)
             stats.verifying_seconds += time.perf_counter() - clock
 
         if streamer is not None:
@@ -242,6 +278,26 @@ class SpeculativeGenerator:
             sequences=sequence.ids[:, : sequence.length].clone(), generated_ids=sequence.generated_ids().clone(),
             text=text, stats=stats, settings=settings,
         )
+
+    @staticmethod
+    def _tree_block(verifier: TargetVerifier, proposer: TreeProposer, tree: DraftTree, last_token: torch.Tensor,
+                    drafts: torch.Tensor, target_scores: ScoreProcessor, history: TokenHistory | None,
+                    settings: SamplingConfig, generator: torch.Generator | None, stats: GenerationStats
+                    ) -> tuple[int, int, list[int], torch.Tensor, int]:
+        """Steps (b)-(d) for a draft tree; returns (accepted, next token, accepted ids on host and device, judged)."""
+        logits = verifier.verify_tree(last_token, drafts, tree)  # (num_nodes + 1, vocab)
+        seen = None if history is None else history.rows_for_tree(drafts, tree.ancestors(drafts.device))
+        scores = target_scores(logits, seen)
+        if settings.greedy:
+            path, next_token, draft_ids = accept_tree_greedy(drafts, tree, scores)
+        else:
+            path, next_token, draft_ids = accept_tree_sampled(drafts, tree, probs_from_scores(scores), generator)
+        verifier.keep_path(tree.num_nodes, path)
+        proposer.commit_path(path)
+        stats.record_tree_path(tree, path)
+        accepted_device = drafts[torch.tensor([node - 1 for node in path], dtype=torch.long, device=drafts.device)]
+        judged = len(path) + (1 if tree.children(path[-1] if path else 0) else 0)
+        return len(path), next_token, [draft_ids[node - 1] for node in path], accepted_device, judged
 
     # ---- settings and inputs ---------------------------------------------------------------------------
     def resolve_settings(self, temperature: float, top_p: float | None = None, top_k: int | None = None,

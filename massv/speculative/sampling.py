@@ -189,6 +189,17 @@ class TokenHistory:
             rows[index + 1 :].index_fill_(1, ids[index : index + 1], True)
         return rows[:, : self.vocab_size]
 
+    def rows_for_tree(self, drafts: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
+        """`(n + 1, vocab)` masks for a draft tree: row i is the history plus the drafts on the path to node i.
+
+        `drafts: (n,)` the nodes' ids, `ancestors: (n + 1, n + 1)` (`DraftTree.ancestors`, node 0 the root).
+        """
+        rows = self._seen.unsqueeze(0).repeat(drafts.shape[0] + 1, 1)
+        row_index, node_index = ancestors[:, 1:].to(rows.device).nonzero(as_tuple=True)
+        ids = drafts.reshape(-1).to(rows.device).clamp(max=self.vocab_size)
+        rows[row_index, ids[node_index]] = True
+        return rows[:, : self.vocab_size]
+
 
 def apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """HF's repetition penalty on `scores: (rows, vocab)` with per-row `seen` masks of the same shape.

@@ -18,19 +18,26 @@ Definitions (the numbers papers report differ in exactly these choices, so they 
 - `mean_accepted_length_full_blocks`: MAL over the steps whose drafting the `max_new_tokens` budget did not
   cut short. The last block of a request is usually clipped, so plain MAL depends on `max_new_tokens` (a
   perfect drafter at γ = 4 reads 5.00, 3.67 or 3.00); this one does not (5.00).
+- Trees: `proposed_drafts` counts every node the target scored; block position j is depth j + 1 of the
+  tree (judged when the accepted path reached depth j and had children there). `branch_accepted` counts
+  accepted nodes that were not their parent's first (most probable) child: what a chain would have missed.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from massv.speculative.tree import DraftTree
 
 
 @dataclass
 class GenerationStats:
     """Counters and timings for one request (batch size 1)."""
 
-    num_draft_tokens: int = 0  # γ requested
+    num_draft_tokens: int = 0  # γ requested (a tree: its size; adaptive: the longest allowed chain)
+    strategy: str = "chain"  # "chain", "adaptive" or "tree"
     prompt_tokens: int = 0
     new_tokens: int = 0  # tokens emitted, prefill token included
     accepted_lengths: list[int] = field(default_factory=list)  # per verification step, bonus/correction included
@@ -40,6 +47,7 @@ class GenerationStats:
     budget_limited: list[bool] = field(default_factory=list)  # per verification step, drafting cut by max_new_tokens
     position_judged: list[int] = field(default_factory=list)  # per block position
     position_accepted: list[int] = field(default_factory=list)  # per block position
+    branch_accepted: int = 0  # trees: accepted nodes that were not their parent's first child
     target_forwards: int = 0  # prefill included
     drafter_forwards: int = 0  # drafter prompt forward included
     stopped_by: str = ""  # "eos" or "max_new_tokens"
@@ -67,6 +75,10 @@ class GenerationStats:
             self.position_judged[position] += 1
             if position < accepted:
                 self.position_accepted[position] += 1
+
+    def record_tree_path(self, tree: DraftTree, path: list[int]) -> None:
+        """Count the accepted nodes of a tree block that were not their parent's first child."""
+        self.branch_accepted += sum(not tree.is_first_child(node) for node in path)
 
     # ---- derived --------------------------------------------------------------------------------------
     @property
@@ -133,7 +145,8 @@ class GenerationStats:
     @classmethod
     def merge(cls, runs: list[GenerationStats]) -> GenerationStats:
         """Pooled stats over many requests: counts and times summed, so ratios are token-weighted."""
-        merged = cls(num_draft_tokens=runs[0].num_draft_tokens if runs else 0, stopped_by="merged")
+        merged = cls(num_draft_tokens=runs[0].num_draft_tokens if runs else 0, stopped_by="merged",
+                     strategy=runs[0].strategy if runs else "chain")
         for run in runs:
             merged.prompt_tokens += run.prompt_tokens
             merged.new_tokens += run.new_tokens
@@ -149,6 +162,7 @@ class GenerationStats:
                 merged.position_judged[position] += judged
                 merged.position_accepted[position] += accepted
             merged.target_forwards += run.target_forwards
+            merged.branch_accepted += run.branch_accepted
             merged.drafter_forwards += run.drafter_forwards
             for name in ("vision_seconds", "prefill_seconds", "drafting_seconds", "verifying_seconds", "total_seconds"):
                 setattr(merged, name, getattr(merged, name) + getattr(run, name))

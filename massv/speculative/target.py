@@ -3,9 +3,10 @@
 Invariant between blocks: the KV cache holds every committed token except the last one, which the next
 `verify` feeds again in front of the drafts (its logits predict the first draft).
 
-Every forward is followed by exactly one `rollback` (possibly of 0 tokens): a sliding-window layer that
-records its past (Gemma3) trims back to its window only inside `crop`, and it can remove only tokens added
-since the previous crop.
+Every forward is followed by exactly one `rollback` (possibly of 0 tokens) or, after a tree, `keep_path`
+(which gathers the accepted path into place, then crops): a sliding-window layer that records its past
+(Gemma3) trims back to its window only inside `crop`, and it can remove only tokens added since the
+previous crop.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from massv.families import FamilyAdapter
+from massv.speculative.tree import AttentionLayout, DraftTree, keep_tail_entries, tree_attention_masks
 
 
 def new_rollback_cache(model: PreTrainedModel) -> DynamicCache:
@@ -35,6 +37,7 @@ class TargetVerifier:
         self.cache = new_rollback_cache(model)
         self.length = 0  # tokens in the cache
         self.position_state: Any = None
+        self.layout = AttentionLayout.of(model.config)
 
     def prefill(self, input_ids: torch.Tensor, image_inputs: dict[str, torch.Tensor],
                 projected_features: torch.Tensor | None, logits_to_keep: int = 1) -> torch.Tensor:
@@ -51,7 +54,7 @@ class TargetVerifier:
         return outputs.logits[0]
 
     def verify(self, tokens: torch.Tensor, text_positions: torch.Tensor | None = None,
-               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+               attention_mask: torch.Tensor | dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Score `tokens: (1, k)` placed after the cache; returns their `(k, vocab)` logits.
 
         `text_positions: (k,)` default to the next k sequence positions (a chain); a tree passes each node's
@@ -68,6 +71,28 @@ class TargetVerifier:
         )
         self.length += num_new
         return outputs.logits[0]
+
+    def verify_tree(self, root_token: torch.Tensor, drafts: torch.Tensor, tree: DraftTree) -> torch.Tensor:
+        """Score every node of `tree` in one forward: `[root] + drafts` -> `(n + 1, vocab)` logits.
+
+        Node i sits at position `length + depth(i)` (siblings share one; Qwen2.5-VL's 3-D rotary positions
+        follow through the adapter) and sees the cache and its ancestors only. Follow with `keep_path`.
+        """
+        device = self.device
+        depths = tree.node_depths(device)
+        query_positions = self.length + depths
+        key_positions = torch.cat([torch.arange(self.length, device=device), query_positions])
+        ancestors = tree.ancestors(device)
+        visible = torch.cat([ancestors.new_ones(ancestors.shape[0], self.length), ancestors], dim=1)
+        masks = tree_attention_masks(self.layout, self.cache, query_positions, key_positions, visible,
+                                     self.model.dtype)
+        tokens = torch.cat([root_token.view(1, 1), drafts.view(1, -1).to(device)], dim=1)
+        return self.verify(tokens, text_positions=query_positions, attention_mask=masks)
+
+    def keep_path(self, num_nodes: int, path: list[int]) -> None:
+        """After `verify_tree` over `num_nodes` drafts: keep the root and the accepted `path`, drop the rest."""
+        keep_tail_entries(self.cache, num_nodes + 1, [0] + list(path))
+        self.length -= num_nodes - len(path)
 
     def rollback(self, num_tokens: int) -> None:
         """Drop the last `num_tokens` cached tokens (0 still trims sliding-window layers to their window)."""

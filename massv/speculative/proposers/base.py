@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 
 from massv.families import FamilyAdapter
 from massv.speculative.sampling import SamplingConfig
+from massv.speculative.tree import DraftTree
 
 
 class DrafterPairError(ValueError):
@@ -57,6 +58,8 @@ class DraftRequest:
     random: RandomStreams = field(default_factory=lambda: RandomStreams(None))
     new_positions: int = 0  # positions the request may add after the prompt (generated tokens and drafts)
     static_decoder: Any = None  # a StaticDecoder when the generator was built with compile_drafter=True
+    # Adaptive chains: stop a block once the drafter's probability of its own guess falls below this.
+    confidence_threshold: float | None = None
 
     @property
     def target_vocab_size(self) -> int:
@@ -104,6 +107,7 @@ class Proposal:
     tokens: torch.Tensor  # (n,) long, on the target's device
     probs: torch.Tensor | None = None  # (n, target_vocab) q rows, zero outside the draftable ids; sampling only
     forwards: int = 0  # drafter forwards this proposal cost
+    tree: DraftTree | None = None  # set for a tree of drafts (`tokens` in its node order), None for a chain
 
     def __len__(self) -> int:
         return self.tokens.shape[0]

@@ -111,12 +111,14 @@ class CausalLMProposer(Proposer):
         tokens = []
         probs = None if settings.greedy else torch.zeros(
             max_tokens, self.request.target_vocab_size, device=self.request.target.device)
+        threshold = self.request.confidence_threshold
         for index in range(max_tokens):
             logits = self._forward(pending)[:, : self.draftable]  # (1, draftable)
             seen = None if block_history is None else block_history.seen.unsqueeze(0)
             scores = self.processor(logits, seen)
             if settings.greedy:
                 token = scores.argmax(dim=-1)
+                q = torch.softmax(scores, dim=-1) if threshold is not None else None
             else:
                 q = probs_from_scores(scores)
                 token = sample(q, self.generator)
@@ -124,8 +126,13 @@ class CausalLMProposer(Proposer):
             tokens.append(token)
             if index == max_tokens - 1:
                 break  # the last draft is read back with the verdict
-            if int(token) in self.request.eos_token_ids:  # the draft's one host sync
-                break  # nothing after an end-of-sequence draft could ever be emitted
+            if threshold is None:
+                if int(token) in self.request.eos_token_ids:  # the draft's one host sync
+                    break  # nothing after an end-of-sequence draft could ever be emitted
+            else:
+                token_id, confidence = torch.stack([token[0].to(q.dtype), q[0, token[0]]]).tolist()  # one sync
+                if int(token_id) in self.request.eos_token_ids or confidence < threshold:
+                    break  # the drafter is guessing: spend no more forwards on this block
             if block_history is not None:
                 block_history.add(token)
             pending = self._readable(token.view(1, 1))
@@ -169,6 +176,20 @@ class CausalLMProposer(Proposer):
         )
         self.cached += num_new
         return outputs.logits[:, -1].float()
+
+    def forward_nodes(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      attention_mask: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Feed `input_ids: (1, q)` (tree nodes) at explicit positions with per-layer-type 4-D masks.
+
+        Returns `(q, vocab)` float logits, one row per node. For tree drafting (`proposers/tree.py`).
+        """
+        num_new = input_ids.shape[1]
+        outputs = self.model(
+            input_ids=self._readable(input_ids), position_ids=position_ids.view(1, -1), attention_mask=attention_mask,
+            past_key_values=self.cache, use_cache=True, logits_to_keep=num_new,
+        )
+        self.cached += num_new
+        return outputs.logits[0].float()
 
     def _crop(self, num_tokens: int) -> None:
         self.cached -= num_tokens

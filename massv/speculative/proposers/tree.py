@@ -1,0 +1,215 @@
+"""Tree drafting (EAGLE-2's dynamic draft tree) over the LM drafters: MASSV and the text-only baseline.
+
+One block:
+  1. feed the drafter the committed tokens it has not seen (the last is the tree's root): its
+     distribution there gives the root's `top_k` children;
+  2. for each further depth, ONE batched drafter forward over the `top_k` most probable nodes of the
+     newest layer (each at position root + depth, seeing the prefix and its ancestors through a tree mask
+     on the drafter's own KV cache); each gives `top_k` children, scored by cumulative log-probability;
+  3. keep the `size` best nodes over all depths by cumulative log-probability (a child is never more
+     probable than its parent, so the kept set is a tree), in breadth-first order.
+After the target's verdict the accepted nodes' cache entries are gathered into place and the rest dropped.
+
+Nodes are chosen deterministically (top-k), also when sampling: `accept_tree_sampled` is exact for any
+deterministic choice of children, and top-k children are the ones the target most often accepts.
+The drafter's cache is a plain `DynamicCache` (no sliding-window layers): tree nodes occupy slots that are
+not their positions, so a window must be applied by position in the mask, which `tree_attention_masks`
+does, rather than by slot in the cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import DynamicCache
+
+from massv.speculative.proposers.base import CommittedTokens, DrafterPairError, Proposal, Proposer
+from massv.speculative.proposers.language_model import CausalLMProposer
+from massv.speculative.strategy import TreeShape
+from massv.speculative.tree import AttentionLayout, DraftTree, keep_tail_entries, tree_attention_masks
+
+
+class TreeProposer(Proposer):
+    """Grows an EAGLE-2 tree with a `CausalLMProposer`'s drafter (its model, view of the prompt and cache)."""
+
+    name = "tree"
+
+    def __init__(self, base: Proposer, shape: TreeShape) -> None:
+        if not isinstance(base, CausalLMProposer):
+            raise DrafterPairError(
+                f"strategy='tree' needs a language-model drafter (MASSV or a text-only causal LM); the "
+                f"{base.name!r} proposer drafts chains only: use strategy='chain' or 'adaptive'")
+        self.base = base
+        self.shape = shape
+        self.base.cache = DynamicCache()  # slot-indexed; windows are applied by position in the masks
+        self.base.static = None  # tree forwards are batched over the frontier: no one-token static step
+        self.request = base.request
+        self.layout = AttentionLayout.of(base.language_model.config)
+        self.last_tree: DraftTree | None = None
+        self.root_slots = 0  # drafter cache length before the tree's nodes
+        self.node_slots: dict[int, int] = {}  # tree node -> drafter cache slot (the nodes that were fed)
+        self._parent: list[int] = []  # this block's pool of candidate nodes: parent index (-1: the root)
+        self._depth: list[int] = []  # and depth
+
+    # ---- the seam --------------------------------------------------------------------------------------
+    def prefill(self, sequence: CommittedTokens) -> int:
+        return self.base.prefill(sequence)
+
+    def propose(self, sequence: CommittedTokens, max_tokens: int) -> Proposal:
+        """A tree of at most `shape.size` nodes and depth `min(shape.depth, max_tokens)`."""
+        base, request = self.base, self.request
+        depth_limit = min(self.shape.depth, max_tokens)
+        top_k = self.shape.top_k
+        device = base.device
+        pending = base._readable(sequence.generated_ids(base.cached - base.prompt.shape[1]).to(device))
+        history = base._history_for_block(sequence)
+        seen = None if history is None else history.seen
+        root_logits = base._forward(pending)[:, : base.draftable]  # (1, draftable)
+        self.root_slots = root_position = base.cached
+        root_position -= 1
+
+        # Pool of candidate nodes: token, parent (pool index, -1 = root), depth, cumulative log-prob.
+        pool_tokens: list[torch.Tensor] = []
+        pool_parent: list[int] = []
+        pool_depth: list[int] = []
+        pool_scores: list[torch.Tensor] = []
+        self._parent, self._depth = pool_parent, pool_depth  # read by `_masks`
+        fed: list[int] = []  # pool indices in drafter cache order
+        visible_slots: dict[int, list[int]] = {-1: []}  # fed node -> tree slots it sees (ancestors, itself)
+        log_probs = self._log_probs(root_logits, None if seen is None else seen.unsqueeze(0))[0]
+        values, ids = log_probs.topk(min(top_k, log_probs.shape[-1]))
+        self._add_children(pool_tokens, pool_parent, pool_depth, pool_scores, ids.view(1, -1), values.view(1, -1),
+                           [-1], 1)
+        frontier = list(range(len(pool_tokens)))
+        forwards = 1
+        eos = torch.tensor(sorted(request.eos_token_ids), dtype=torch.long, device=device)
+        min_log_probability = math.log(self.shape.min_probability) if self.shape.min_probability > 0 else -math.inf
+        for depth in range(2, depth_limit + 1):
+            expand, best = self._expandable(frontier, pool_tokens, pool_scores, eos, top_k)
+            if not expand or best < min_log_probability:
+                break
+            node_ids = torch.stack([pool_tokens[index] for index in expand]).view(1, -1)
+            positions = root_position + depth - 1  # the whole frontier sits at one depth
+            logits = base.forward_nodes(node_ids, torch.full((len(expand),), positions, device=device),
+                                        self._masks(expand, fed, visible_slots, positions))
+            fed += expand
+            forwards += 1
+            rows_seen = None if seen is None else self._seen_rows(seen, expand, pool_tokens, pool_parent)
+            log_probs = self._log_probs(logits[:, : base.draftable], rows_seen)  # (q, draftable)
+            values, ids = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1)
+            cumulative = torch.stack([pool_scores[index] for index in expand]).view(-1, 1) + values
+            first_new = len(pool_tokens)
+            self._add_children(pool_tokens, pool_parent, pool_depth, pool_scores, ids, cumulative, expand, depth)
+            frontier = list(range(first_new, len(pool_tokens)))
+        tree, chosen = self._best_tree(pool_parent, pool_depth, pool_scores)
+        slot_of = {index: self.root_slots + position for position, index in enumerate(fed)}
+        self.node_slots = {node: slot_of[index] for node, index in enumerate(chosen, start=1) if index in slot_of}
+        self.last_tree = tree
+        tokens = torch.stack([pool_tokens[index] for index in chosen]).to(request.target.device)
+        return Proposal(tokens, None, forwards=forwards, tree=tree)
+
+    def commit(self, num_accepted: int) -> None:
+        """Chain semantics (the first `num_accepted` nodes along first children): prefer `commit_path`."""
+        tree = self.last_tree
+        path, node = [], 0
+        for _ in range(num_accepted):
+            node = tree.children(node)[0]
+            path.append(node)
+        self.commit_path(path)
+
+    def commit_path(self, path: list[int]) -> None:
+        """The target accepted `path` (node indices, root's child first): keep those nodes' cache entries."""
+        base = self.base
+        fed_path = []
+        for node in path:  # a node was fed only if its parent was: the fed nodes are a prefix of the path
+            if node not in self.node_slots:
+                break
+            fed_path.append(self.node_slots[node] - self.root_slots)
+        keep_tail_entries(base.cache, base.cached - self.root_slots, fed_path)
+        base.cached = self.root_slots + len(fed_path)
+
+    # ---- growing -----------------------------------------------------------------------------------------
+    def _log_probs(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+        """Log-probabilities of the drafter's processed scores (the same processors the target's get)."""
+        return torch.log_softmax(self.base.processor(logits, seen), dim=-1)
+
+    @staticmethod
+    def _add_children(tokens: list, parents: list, depths: list, scores: list, ids: torch.Tensor,
+                      cumulative: torch.Tensor, parent_indices: list[int], depth: int) -> None:
+        for row, parent in enumerate(parent_indices):
+            for column in range(ids.shape[1]):
+                tokens.append(ids[row, column])
+                parents.append(parent)
+                depths.append(depth)
+                scores.append(cumulative[row, column])
+
+    @staticmethod
+    def _expandable(frontier: list[int], tokens: list, scores: list, eos: torch.Tensor, top_k: int
+                    ) -> tuple[list[int], float]:
+        """The `top_k` most probable frontier nodes worth expanding (none after an end-of-sequence draft),
+        and the best one's cumulative log-probability."""
+        values = torch.stack([scores[index] for index in frontier])
+        ids = torch.stack([tokens[index] for index in frontier])
+        if eos.numel():
+            values = values.masked_fill(torch.isin(ids, eos), float("-inf"))
+        order = torch.argsort(values, descending=True, stable=True)[:top_k]
+        chosen = values[order]
+        order_list, chosen_list = torch.stack([order.to(chosen.dtype), chosen]).tolist()  # one sync per depth
+        expand = [frontier[int(index)] for index, value in zip(order_list, chosen_list) if math.isfinite(value)]
+        return expand, chosen_list[0] if chosen_list else -math.inf
+
+    def _masks(self, expand: list[int], fed: list[int], visible_slots: dict[int, list[int]],
+               position: int) -> dict[str, torch.Tensor]:
+        """Masks for feeding `expand` (one depth, at `position`) after the prefix and the fed nodes `fed`.
+
+        `visible_slots` maps each fed node to the tree slots it sees; the new nodes are added to it.
+        """
+        base = self.base
+        num_fed, num_prefix = len(fed), self.root_slots
+        flat = []
+        for row, index in enumerate(expand):
+            slots = visible_slots[self._parent[index]] + [num_fed + row]
+            visible_slots[index] = slots
+            flat += [row * (num_fed + len(expand)) + slot for slot in slots]
+        visible_tree = torch.zeros(len(expand) * (num_fed + len(expand)), dtype=torch.bool)
+        visible_tree[torch.tensor(flat, dtype=torch.long)] = True
+        visible = torch.cat([torch.ones(len(expand), num_prefix, dtype=torch.bool),
+                             visible_tree.view(len(expand), -1)], dim=1).to(base.device)
+        # Logical positions of every slot: prefix slots are their positions; a node at depth d sits at
+        # root + d. Earlier depths come first in `fed`, `top_k`-or-fewer nodes each.
+        depth_of_slot = [self._depth[index] for index in fed] + [self._depth[index] for index in expand]
+        root_position = position - self._depth[expand[0]]
+        key_positions = torch.cat([torch.arange(num_prefix),
+                                   root_position + torch.tensor(depth_of_slot, dtype=torch.long)]).to(base.device)
+        query_positions = torch.full((len(expand),), position, dtype=torch.long, device=base.device)
+        return tree_attention_masks(self.layout, base.cache, query_positions, key_positions, visible,
+                                    base.language_model.dtype)
+
+    def _seen_rows(self, seen: torch.Tensor, nodes: list[int], tokens: list, parents: list[int]) -> torch.Tensor:
+        """Per-node repetition-penalty history: the committed tokens plus the node's path."""
+        rows = seen.unsqueeze(0).repeat(len(nodes), 1)
+        for row, index in enumerate(nodes):
+            node = index
+            while node != -1:  # drafts lie in the drafter's draftable ids, the width of `seen`
+                rows[row].index_fill_(0, tokens[node].view(1), True)
+                node = parents[node]
+        return rows
+
+    def _best_tree(self, parents: list[int], depths: list[int], scores: list) -> tuple[DraftTree, list[int]]:
+        """The `size` most probable pool nodes (ties: earlier first, so parents precede children), BFS order."""
+        values = torch.stack(scores)
+        order = torch.argsort(values, descending=True, stable=True)
+        finite = torch.isfinite(values[order])
+        ranked = [index for index, ok in zip(order.tolist(), finite.tolist()) if ok][: self.shape.size]
+        # parent + log q <= parent in floating point too, and ties keep the earlier (parent) first: the
+        # ranked set holds every ranked node's parent. The filter only guards that invariant.
+        kept, node_of = [], {}
+        for index in sorted(ranked, key=lambda index: (depths[index], index)):
+            if parents[index] == -1 or parents[index] in node_of:
+                kept.append(index)
+                node_of[index] = len(kept)
+        tree = DraftTree(parents=[0 if parents[index] == -1 else node_of[parents[index]] for index in kept],
+                         depths=[depths[index] for index in kept])
+        return tree, kept
+
