@@ -12,6 +12,7 @@ from massv.speculative.acceptance import accept_greedy, accept_sampled, residual
 from massv.speculative.engine import SpeculativeGenerator, SpeculativeOutput, UnsupportedInputError
 from massv.speculative.proposers import (
     CommittedTokens,
+    CrossTokenizerDrafter,
     DraftRequest,
     DrafterPairError,
     Proposal,
@@ -26,6 +27,7 @@ from massv.speculative.target import TargetVerifier, new_rollback_cache
 
 __all__ = [
     "CommittedTokens",
+    "CrossTokenizerDrafter",
     "DraftRequest",
     "DrafterPairError",
     "GenerationStats",

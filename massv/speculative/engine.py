@@ -134,6 +134,8 @@ class SpeculativeGenerator:
         # 0. Check everything before any model work.
         self._check_lengths(max_new_tokens, num_draft_tokens)
         settings = self.resolve_settings(temperature, top_p, top_k, repetition_penalty, **sampling_settings)
+        if num_draft_tokens > 0:
+            self.proposer_class.check_settings(self.drafter, settings)
         input_ids, image_inputs = self._request_inputs(processor_outputs)
         eos_ids = self._eos_ids(eos_token_id)
         random = RandomStreams(seed)
@@ -170,7 +172,7 @@ class SpeculativeGenerator:
             request = DraftRequest(
                 target=self.target, adapter=self.adapter, prompt_ids=input_ids, image_inputs=image_inputs,
                 vision_features=vision_features, settings=settings, eos_token_ids=frozenset(eos_ids),
-                replacement_id=self._replacement_id(), random=random,
+                replacement_id=self._replacement_id(), random=random, target_tokenizer=self.tokenizer,
             )
             proposer = self.proposer_class(self.drafter, request)
             stats.drafter_forwards += proposer.prefill(sequence)

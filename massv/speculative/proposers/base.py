@@ -55,6 +55,7 @@ class DraftRequest:
     eos_token_ids: frozenset[int]
     replacement_id: int  # a valid id to feed the drafter in place of one past its embedding
     random: RandomStreams = field(default_factory=lambda: RandomStreams(None))
+    target_tokenizer: Any = None  # the target's tokenizer (the processor's): a foreign-tokenizer drafter reads text
 
     @property
     def target_vocab_size(self) -> int:
@@ -120,6 +121,10 @@ class Proposer(ABC):
     @classmethod
     def check_pair(cls, drafter: nn.Module, target: PreTrainedModel, adapter: FamilyAdapter, tokenizer: Any) -> None:
         """Raise `DrafterPairError` if `drafter` cannot draft for `target` (called once, at construction)."""
+
+    @classmethod
+    def check_settings(cls, drafter: nn.Module, settings: SamplingConfig) -> None:
+        """Raise if this proposer cannot stay lossless under `settings` (called before any model work)."""
 
     @classmethod
     def vision_features_needed(cls, drafter: nn.Module) -> tuple[str, ...]:

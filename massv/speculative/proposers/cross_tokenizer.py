@@ -1,0 +1,263 @@
+"""A drafter with its own tokenizer (another family): it drafts in its tokens, the target verifies in its own.
+
+Opt-in: wrap the drafter with its tokenizer, `CrossTokenizerDrafter(drafter, drafter_tokenizer)`; a bare
+drafter of another family is refused (`DrafterPairError`), because its ids are not the target's.
+
+Each block:
+  1. the committed target tokens become the drafter's view through text (`TokenBridge`): the prompt once,
+     the answer so far re-encoded each block; the drafter's KV cache is cropped to the longest prefix it
+     shares with that view (the accepted text, re-tokenized), and only the rest is fed;
+  2. the drafter drafts γ of its own tokens greedily;
+  3. the drafted text becomes target candidates, aligned with the committed tail so merges across the
+     boundary come out as the target's tokens.
+The target verifies the candidates as any proposal, so greedy output equals `target.generate` whatever the
+drafter says. Sampling is refused: q over the target's tokens is not defined for text drafted in another
+tokenizer's tokens (a candidate can be one target token drafted as three), so speculative sampling's
+acceptance test would have no q to divide by; it would be silently lossy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from massv.drafter import MultimodalDrafter
+from massv.families import FamilyAdapter
+from massv.speculative.proposers.base import CommittedTokens, DraftRequest, DrafterPairError, Proposal, Proposer
+from massv.speculative.proposers.token_bridge import DEFAULT_WINDOW, TokenBridge, common_prefix_length
+from massv.speculative.sampling import SamplingConfig, UnsupportedSettingError
+from massv.speculative.target import new_rollback_cache
+
+logger = logging.getLogger(__name__)
+
+
+class CrossTokenizerDrafter(nn.Module):
+    """A drafter (a Hugging Face causal LM, or a `MultimodalDrafter` trained on its own tokenizer's ids) and
+    the tokenizer it reads and writes. A `MultimodalDrafter`'s `config.image_token_id` must be an id of
+    `tokenizer` (its own image placeholder), as `massv.train.retokenize.cross_tokenizer_drafter` builds it."""
+
+    def __init__(self, drafter: nn.Module, tokenizer: Any, eos_token_ids: list[int] | None = None,
+                 window: int = DEFAULT_WINDOW, drafts_per_candidate: float = 2.0) -> None:
+        """`drafts_per_candidate`: at most this many of its own tokens drafted per target candidate asked for
+        (a finer tokenizer needs several for one target token, a coarser one fewer: drafting stops early)."""
+        super().__init__()
+        if drafts_per_candidate <= 0:
+            raise ValueError(f"drafts_per_candidate must be > 0, got {drafts_per_candidate}")
+        self.drafter = drafter
+        self.tokenizer = tokenizer
+        self.window = window
+        self.drafts_per_candidate = drafts_per_candidate
+        if eos_token_ids is None:
+            eos_token_ids = _declared_eos(self.language_model, tokenizer)
+        self.eos_token_ids = frozenset(int(token) for token in eos_token_ids)
+
+    @property
+    def multimodal(self) -> bool:
+        return isinstance(self.drafter, MultimodalDrafter)
+
+    @property
+    def language_model(self) -> PreTrainedModel:
+        return self.drafter.language_model if self.multimodal else self.drafter
+
+    @property
+    def image_placeholder_id(self) -> int | None:
+        return int(self.drafter.config.image_token_id) if self.multimodal else None
+
+    def draft_budget(self, max_candidates: int) -> int:
+        """The most drafter tokens one block may draft for `max_candidates` target candidates."""
+        return max(1, math.ceil(max_candidates * self.drafts_per_candidate))
+
+    @property
+    def draftable_vocab_size(self) -> int:
+        """Ids it may draft: its tokenizer's, never the embedding's padding rows."""
+        rows = int(self.language_model.get_output_embeddings().weight.shape[0])
+        return min(rows, len(self.tokenizer))
+
+
+def _declared_eos(language_model: nn.Module, tokenizer: Any) -> list[int]:
+    ids: set[int] = set()
+    for source in (getattr(language_model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if value is not None:
+            ids |= {int(value)} if isinstance(value, int) else {int(token) for token in value}
+    return sorted(ids)
+
+
+@dataclass
+class RetokenizationStats:
+    """What the conversion did over one request (tests read it; a report may too)."""
+
+    proposals: int = 0
+    drafter_tokens: int = 0  # drafted in the drafter's tokens
+    target_tokens: int = 0  # candidates handed to the target
+    boundary_merges: int = 0  # drafted text merged with the committed tail: the committed tokens stood
+    view_rewrites: int = 0  # re-tokenizing the accepted text changed drafter tokens already in its cache
+
+
+class CrossTokenizerProposer(Proposer):
+    """Drafts with a foreign-tokenizer drafter, text-only or MASSV (projected target features at its own
+    image placeholders), greedy only."""
+
+    name = "cross-tokenizer"
+
+    @classmethod
+    def check_pair(cls, drafter: nn.Module, target: PreTrainedModel, adapter: FamilyAdapter, tokenizer: Any) -> None:
+        if tokenizer is None:
+            raise DrafterPairError("a CrossTokenizerDrafter drafts through text: the generator needs the target's "
+                                   "processor (or tokenizer) to decode and encode the target's tokens")
+        if drafter.tokenizer is None:
+            raise DrafterPairError("CrossTokenizerDrafter needs the drafter's own tokenizer")
+        if not drafter.multimodal:
+            return
+        config = drafter.drafter.config
+        if config.family != adapter.model_type:
+            raise DrafterPairError(
+                f"the MASSV drafter's projector was trained on a {config.family!r} target's vision features, "
+                f"not {adapter.model_type!r}")
+        expected = adapter.feature_dim(config.vision_feature)
+        if config.vision_feature_dim != expected:
+            raise DrafterPairError(
+                f"the MASSV drafter's projector reads {config.vision_feature} features of width "
+                f"{config.vision_feature_dim}, but this target's vision encoder gives {expected}")
+        placeholder = config.image_token_id
+        if not 0 <= placeholder < len(drafter.tokenizer) or not config.cross_tokenizer:
+            raise DrafterPairError(
+                f"the MASSV drafter's image placeholder {placeholder} is not its own tokenizer's image token "
+                "(config.cross_tokenizer is false): build it with massv.train.retokenize.cross_tokenizer_drafter")
+
+    @classmethod
+    def check_settings(cls, drafter: nn.Module, settings: SamplingConfig) -> None:
+        if not settings.greedy:
+            raise UnsupportedSettingError(
+                f"temperature={settings.temperature:g}: a drafter with another tokenizer drafts greedy only. Its "
+                "drafts are text, re-tokenized into target tokens, so it has no distribution q over the target's "
+                "tokens, and speculative sampling without q would not sample from the target's distribution. "
+                "Use temperature=0, or a drafter that shares the target's tokenizer for sampling.")
+
+    @classmethod
+    def vision_features_needed(cls, drafter: nn.Module) -> tuple[str, ...]:
+        return (drafter.drafter.config.vision_feature,) if drafter.multimodal else ()
+
+    def __init__(self, drafter: CrossTokenizerDrafter, request: DraftRequest) -> None:
+        self.check_settings(drafter, request.settings)
+        self.wrapper = drafter
+        self.model = drafter.drafter
+        self.request = request
+        self.language_model = drafter.language_model
+        self.device = self.language_model.device
+        self.bridge = TokenBridge(request.target_tokenizer, drafter.tokenizer, request.adapter,
+                                  drafter.image_placeholder_id, drafter.window)
+        self.prompt_view = self.bridge.prompt_view(request.prompt_ids[0].tolist())
+        self.image_features = None
+        if drafter.multimodal:
+            self.image_features = request.vision_features.get(self.model.config.vision_feature)
+            self._check_placeholders()
+        self.draftable = drafter.draftable_vocab_size
+        self.cache = new_rollback_cache(self.language_model)
+        self.cached: list[int] = []  # drafter ids whose keys and values the cache holds
+        self.answer_view: list[int] = []  # drafter ids of the committed answer, as of the last block
+        self.stats = RetokenizationStats()
+
+    def _check_placeholders(self) -> None:
+        placeholders = self.prompt_view.count(self.wrapper.image_placeholder_id)
+        rows = 0 if self.image_features is None else int(self.image_features.shape[0])
+        if placeholders != rows:
+            raise ValueError(f"the drafter's view has {placeholders} image placeholders for {rows} image feature "
+                             "rows (does the prompt text contain the drafter's image token?)")
+
+    # ---- the seam ----------------------------------------------------------------------------------------
+    def prefill(self, sequence: CommittedTokens) -> int:
+        self._feed(self.prompt_view)
+        return 1
+
+    def propose(self, sequence: CommittedTokens, max_tokens: int) -> Proposal:
+        # 1. The accepted text, re-tokenized in the drafter's tokens; the cache keeps what it shares with it.
+        committed = sequence.generated
+        self.answer_view = self.bridge.drafter_ids(self.bridge.target_text(committed))
+        view = self.prompt_view + self.answer_view
+        logits = self._catch_up(view)
+        # 2. Draft in the drafter's tokens (greedy: the argmax of its own ids) until the drafted text makes more
+        #    than `max_tokens` target tokens (so the last one kept is complete), or the budget runs out.
+        #    3. Each time, the drafted text -> target candidates, aligned with the committed tail.
+        drafts: list[int] = []
+        budget = self.wrapper.draft_budget(max_tokens)
+        for index in range(budget):
+            token = int(logits[: self.draftable].argmax())  # one host sync per draft
+            drafts.append(token)
+            converted = self.bridge.candidates(committed, self.bridge.drafted_text(self.answer_view, drafts))
+            candidates = self._verifiable(converted.target_ids)
+            if token in self.wrapper.eos_token_ids or len(candidates) > max_tokens or index == budget - 1 \
+                    or len(candidates) < len(converted.target_ids):
+                break
+            logits = self._feed([token])
+        candidates = candidates[:max_tokens]
+        self.stats.proposals += 1
+        self.stats.drafter_tokens += len(drafts)
+        self.stats.target_tokens += len(candidates)
+        self.stats.boundary_merges += int(converted.boundary_merge)
+        tokens = torch.tensor(candidates, dtype=torch.long, device=self.request.target.device)
+        return Proposal(tokens, None, forwards=len(drafts))
+
+    def commit(self, num_accepted: int) -> None:
+        # Nothing to drop yet: the next `propose` re-tokenizes the accepted text (it includes the target's own
+        # token, unknown here) and crops the cache to what it shares with it.
+        pass
+
+    # ---- internals ---------------------------------------------------------------------------------------
+    def _verifiable(self, target_ids: list[int]) -> list[int]:
+        """Candidates up to the first the target could never emit here (an image token, a padding row)."""
+        limit = self.request.target_vocab_size
+        for index, token in enumerate(target_ids):
+            if token >= limit or token in self.bridge.image_block_ids:
+                return target_ids[:index]
+        return target_ids
+
+    def _catch_up(self, view: list[int]) -> torch.Tensor:
+        """Crop the cache to its common prefix with `view`, feed the rest; the logits after `view`."""
+        shared = min(common_prefix_length(self.cached, view), len(view) - 1)  # re-feed >= 1 token for logits
+        if shared < len(self.cached) - self._fed_in_last_block:
+            self.stats.view_rewrites += 1
+        self._crop(len(self.cached) - shared)
+        return self._feed(view[shared:])
+
+    def _feed(self, ids: list[int]) -> torch.Tensor:
+        start = len(self.cached)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        position_ids = torch.arange(start, start + len(ids), device=self.device).unsqueeze(0)
+        kwargs: dict[str, Any] = {}
+        if self.image_features is not None and start < len(self.prompt_view) \
+                and self.wrapper.image_placeholder_id in ids:
+            kwargs["image_features"] = self.image_features
+        outputs = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache,
+                             use_cache=True, logits_to_keep=1, **kwargs)
+        self.cached.extend(ids)
+        self._fed_in_last_block += len(ids)
+        return outputs.logits[0, -1].float()
+
+    _fed_in_last_block = 0  # tokens fed since the last crop (drafts, or the view's new tail)
+
+    def _crop(self, num_tokens: int) -> None:
+        if num_tokens > self._fed_in_last_block and _has_sliding_layers(self.cache):
+            # A sliding-window layer that records its past can only remove what was added since its last crop:
+            # rebuild the cache from the view instead (rare: only when the accepted text re-tokenizes earlier).
+            kept = self.cached[: len(self.cached) - num_tokens]
+            self.cache = new_rollback_cache(self.language_model)
+            self.cached, self._fed_in_last_block = [], 0
+            if kept:
+                self._feed(kept)
+            self.cache.crop(0)
+            self._fed_in_last_block = 0
+            return
+        self.cache.crop(-num_tokens)
+        del self.cached[len(self.cached) - num_tokens :]
+        self._fed_in_last_block = 0
+
+
+def _has_sliding_layers(cache: Any) -> bool:
+    return any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", ()))
