@@ -53,6 +53,7 @@ class CrossTokenizerDrafter(nn.Module):
         self.tokenizer = tokenizer
         self.window = window
         self.drafts_per_candidate = drafts_per_candidate
+        self.last_stats: RetokenizationStats | None = None
         if eos_token_ids is None:
             eos_token_ids = _declared_eos(self.language_model, tokenizer)
         self.eos_token_ids = frozenset(int(token) for token in eos_token_ids)
@@ -162,7 +163,9 @@ class CrossTokenizerProposer(Proposer):
         self.cache = new_rollback_cache(self.language_model)
         self.cached: list[int] = []  # drafter ids whose keys and values the cache holds
         self.answer_view: list[int] = []  # drafter ids of the committed answer, as of the last block
+        self.view_length = len(self.prompt_view)  # prompt + answer view as of the last block
         self.stats = RetokenizationStats()
+        drafter.last_stats = self.stats  # the latest request's conversion counts, for tests and reports
 
     def _check_placeholders(self) -> None:
         placeholders = self.prompt_view.count(self.wrapper.image_placeholder_id)
@@ -220,9 +223,11 @@ class CrossTokenizerProposer(Proposer):
 
     def _catch_up(self, view: list[int]) -> torch.Tensor:
         """Crop the cache to its common prefix with `view`, feed the rest; the logits after `view`."""
-        shared = min(common_prefix_length(self.cached, view), len(view) - 1)  # re-feed >= 1 token for logits
-        if shared < len(self.cached) - self._fed_in_last_block:
+        common = common_prefix_length(self.cached, view)
+        if common < self.view_length:  # not only rejected drafts: the accepted text re-tokenized differently
             self.stats.view_rewrites += 1
+        self.view_length = len(view)
+        shared = min(common, len(view) - 1)  # re-feed >= 1 token for its logits
         self._crop(len(self.cached) - shared)
         return self._feed(view[shared:])
 

@@ -46,7 +46,8 @@ def check_language_model(language_model: nn.Module, adapter: FamilyAdapter, toke
     if highest is not None and highest >= rows:
         raise DrafterPairError(
             f"{what} embeds {rows} token ids but the target's tokenizer emits ids up to {highest}: the drafter "
-            "cannot read the target's tokens. Pair the target with a drafter of the same tokenizer."
+            "cannot read the target's tokens. Pair the target with a drafter of the same tokenizer, or draft "
+            "through text: massv.speculative.CrossTokenizerDrafter(drafter, drafter_tokenizer)."
         )
     drafter_eos = _id_set(getattr(getattr(language_model, "generation_config", None), "eos_token_id", None))
     target_eos = _id_set(getattr(tokenizer, "eos_token_id", None))

@@ -1,0 +1,221 @@
+"""A drafter with its own tokenizer: greedy output equals target.generate, through text and back.
+
+The drafter's tokenizer (`build_foreign_tokenizer`) shares no id with the target's and merges across spaces,
+so its token boundaries fall inside the target's tokens. Its LM is a tiny Qwen2 fitted in a second to the
+target's own greedy answers on the test prompts (re-tokenized): it agrees with the target partly, so blocks
+are accepted in part and the drafter's cache is cropped back to re-tokenized accepted text.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from massv.drafter import MultimodalDrafter
+from massv.families import get_adapter
+from massv.speculative import (
+    CrossTokenizerDrafter,
+    DrafterPairError,
+    SpeculativeGenerator,
+    UnsupportedSettingError,
+)
+from massv.speculative.proposers.token_bridge import TokenBridge
+from massv.tiny import DEFAULT_CORPUS, FOREIGN_IMAGE_TOKEN, build_foreign_tokenizer, build_tiny_pair
+from massv.train.data import IGNORE_INDEX, encode_example
+from massv.train.retokenize import cross_tokenizer_drafter, retokenize_example
+from tests.conftest import prompt_inputs, random_image
+
+PROMPTS = ["What colour is the square?", "How many triangles are there?", "Where is the orange circle?"]
+MAX_NEW_TOKENS = 20
+
+
+@pytest.fixture(scope="module")
+def world():
+    """Tiny Qwen2.5-VL target, a foreign tokenizer, and a MASSV drafter fitted to the target's answers."""
+    torch.set_num_threads(1)
+    pair = build_tiny_pair("qwen2_5_vl", seed=0)
+    adapter = get_adapter(pair.target.config)
+    tokenizer = build_foreign_tokenizer(DEFAULT_CORPUS, vocab_size=300, split_words=False)
+    cases = [prompt_inputs(pair, prompt, image) for prompt in PROMPTS
+             for image in (None, random_image(len(prompt)))]
+    references = []
+    for inputs in cases:
+        output = pair.target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
+        references.append(output[0, inputs["input_ids"].shape[1]:].tolist())
+    torch.manual_seed(0)
+    language_model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    language_model.generation_config.eos_token_id = tokenizer.eos_token_id
+    drafter = cross_tokenizer_drafter(pair.target, language_model, tokenizer, FOREIGN_IMAGE_TOKEN)
+    bridge = TokenBridge(pair.tokenizer, tokenizer, adapter, drafter.config.image_token_id)
+    _fit(drafter, bridge, pair, cases, references)
+    return pair, adapter, tokenizer, drafter.eval(), cases, references
+
+
+def _fit(drafter: MultimodalDrafter, bridge: TokenBridge, pair, cases, references, steps: int = 40) -> None:
+    """Overfit the drafter to the target's answers, in the views it drafts from (a second on the CPU)."""
+    examples = []
+    for inputs, reference in zip(cases, references):
+        prompt = bridge.prompt_view(inputs["input_ids"][0].tolist())
+        answer = bridge.drafter_ids(bridge.target_text(reference))
+        features = None
+        if "pixel_values" in inputs:
+            features = drafter.encode_images({key: inputs[key] for key in ("pixel_values", "image_grid_thw")})
+        ids = torch.tensor([prompt + answer])
+        labels = torch.tensor([[IGNORE_INDEX] * len(prompt) + answer])
+        examples.append((ids, labels, features))
+    drafter.set_trainable("phase2")
+    optimizer = torch.optim.Adam([p for p in drafter.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        for ids, labels, features in examples:
+            drafter(input_ids=ids, labels=labels, image_features=features).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _generate(pair, drafter, inputs, num_draft_tokens: int):
+    generator = SpeculativeGenerator(pair.target, drafter, pair.processor)
+    return generator.generate_from_inputs(inputs, max_new_tokens=MAX_NEW_TOKENS, num_draft_tokens=num_draft_tokens)
+
+
+# ---- greedy == target.generate ----------------------------------------------------------------------
+@pytest.mark.parametrize("num_draft_tokens", [1, 5])
+def test_massv_across_tokenizers_matches_target_generate(world, num_draft_tokens: int) -> None:
+    pair, _, tokenizer, drafter, cases, references = world
+    wrapped = CrossTokenizerDrafter(drafter, tokenizer)
+    accepted = 0
+    for inputs, reference in zip(cases, references):
+        output = _generate(pair, wrapped, inputs, num_draft_tokens)
+        assert output.generated_ids[0].tolist() == reference
+        assert sum(output.stats.accepted_drafts) <= sum(output.stats.proposed_drafts)
+        accepted += sum(output.stats.accepted_drafts)
+    assert accepted > 0  # the fitted drafter agrees in part: partly accepted blocks were exercised
+
+
+def test_text_only_across_tokenizers_matches_target_generate(world) -> None:
+    pair, _, tokenizer, drafter, cases, references = world
+    wrapped = CrossTokenizerDrafter(drafter.language_model, tokenizer)
+    for inputs, reference in zip(cases, references):
+        assert _generate(pair, wrapped, inputs, 4).generated_ids[0].tolist() == reference
+
+
+def test_retokenization_moves_boundaries(world) -> None:
+    """The drafter's tokens are not the target's: drafted text merges across the committed boundary, and
+    re-tokenizing the accepted text rewrites drafter tokens the cache already held."""
+    pair, _, tokenizer, drafter, cases, references = world
+    wrapped = CrossTokenizerDrafter(drafter, tokenizer)
+    merges = rewrites = drafted = candidates = 0
+    for inputs in cases:
+        _generate(pair, wrapped, inputs, 5)
+        stats = wrapped.last_stats
+        merges, rewrites = merges + stats.boundary_merges, rewrites + stats.view_rewrites
+        drafted, candidates = drafted + stats.drafter_tokens, candidates + stats.target_tokens
+    assert merges > 0
+    assert rewrites > 0
+    assert drafted != candidates
+
+
+def test_bridge_aligns_a_merge_across_the_boundary(world) -> None:
+    pair, adapter, tokenizer, *_ = world
+    bridge = TokenBridge(pair.tokenizer, tokenizer, adapter)
+    whole = pair.tokenizer.encode(" square", add_special_tokens=False)
+    assert len(whole) == 1  # one target token, committed here as two pieces
+    committed = pair.tokenizer.encode("What colour is the", add_special_tokens=False) + \
+        pair.tokenizer.encode(" squ", add_special_tokens=False)
+    merged = bridge.candidates(committed, "are?")
+    assert merged.boundary_merge  # re-encoding "… squ" + "are?" would rewrite the committed " squ"
+    assert bridge.target_text(committed + merged.target_ids) == "What colour is the square?"
+    clean = bridge.candidates(pair.tokenizer.encode("What colour", add_special_tokens=False), " is the square?")
+    assert not clean.boundary_merge
+    assert clean.target_ids == pair.tokenizer.encode(" is the square?", add_special_tokens=False)
+
+
+def test_drafted_text_survives_split_characters(world) -> None:
+    """A character split over two drafter tokens (byte-level) comes out whole, and an unfinished one not at all."""
+    pair, adapter, tokenizer, *_ = world
+    bridge = TokenBridge(pair.tokenizer, tokenizer, adapter)
+    context = bridge.drafter_ids("The colour is")
+    drafts = bridge.drafter_ids(" é")
+    assert len(drafts) >= 2  # " " and the two bytes of "é" are no merge of this corpus
+    assert bridge.drafted_text(context, drafts) == " é"
+    assert bridge.drafted_text(context, drafts[:-1]) == " "
+
+
+def test_prompt_view_has_one_placeholder_per_feature_row(world) -> None:
+    pair, adapter, tokenizer, drafter, cases, _ = world
+    bridge = TokenBridge(pair.tokenizer, tokenizer, adapter, drafter.config.image_token_id)
+    inputs = cases[1]
+    view = bridge.prompt_view(inputs["input_ids"][0].tolist())
+    rows = int((inputs["input_ids"] == adapter.image_token_id).sum())
+    assert view.count(drafter.config.image_token_id) == rows > 0
+    text_view = TokenBridge(pair.tokenizer, tokenizer, adapter).prompt_view(inputs["input_ids"][0].tolist())
+    assert tokenizer.decode(text_view) == pair.tokenizer.decode(adapter.strip_image_tokens(inputs["input_ids"])[0])
+
+
+# ---- T > 0 is refused, never silently lossy -------------------------------------------------------------
+def test_sampling_is_refused_before_any_model_work(world, monkeypatch) -> None:
+    pair, _, tokenizer, drafter, cases, _ = world
+    generator = SpeculativeGenerator(pair.target, CrossTokenizerDrafter(drafter, tokenizer), pair.processor)
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the target ran before the refusal")
+
+    monkeypatch.setattr(pair.target, "forward", no_forward)
+    with pytest.raises(UnsupportedSettingError, match="greedy only"):
+        generator.generate_from_inputs(cases[0], max_new_tokens=5, temperature=0.7)
+    monkeypatch.undo()
+    # Without drafting (γ = 0) no drafter is involved: sampling is the target's own.
+    assert generator.generate_from_inputs(cases[0], max_new_tokens=3, num_draft_tokens=0, temperature=0.7,
+                                          seed=0).generated_ids.shape[1] >= 1
+
+
+# ---- pairs: a foreign tokenizer only through the explicit wrapper -----------------------------------------
+def test_bare_foreign_drafters_are_refused(world) -> None:
+    pair, _, tokenizer, drafter, _, _ = world
+    with pytest.raises(DrafterPairError, match="CrossTokenizerDrafter"):
+        SpeculativeGenerator(pair.target, drafter.language_model, pair.processor)  # a qwen2 LM, other EOS id
+    with pytest.raises(DrafterPairError, match="CrossTokenizerDrafter"):
+        SpeculativeGenerator(pair.target, drafter, pair.processor)  # MASSV drafter with its own image token
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(DrafterPairError, match="CrossTokenizerDrafter"):
+        SpeculativeGenerator(pair.target, llama, pair.processor)  # another family
+    SpeculativeGenerator(pair.target, CrossTokenizerDrafter(llama, tokenizer), pair.processor)  # opted in: fine
+
+
+def test_wrapper_checks_what_it_needs(world) -> None:
+    pair, _, tokenizer, drafter, _, _ = world
+    same_tokenizer = MultimodalDrafter.from_target(pair.target, pair.drafter_lm, len(pair.tokenizer))
+    with pytest.raises(DrafterPairError, match="cross_tokenizer_drafter"):
+        SpeculativeGenerator(pair.target, CrossTokenizerDrafter(same_tokenizer, tokenizer), pair.processor)
+    with pytest.raises(DrafterPairError, match="processor"):
+        SpeculativeGenerator(pair.target, CrossTokenizerDrafter(drafter, tokenizer), None)
+    gemma = build_tiny_pair("gemma3", seed=0)
+    with pytest.raises(DrafterPairError, match="qwen2_5_vl"):
+        SpeculativeGenerator(gemma.target, CrossTokenizerDrafter(drafter, tokenizer), gemma.processor)
+
+
+# ---- training data and persistence ---------------------------------------------------------------------
+def test_retokenized_example_keeps_answer_text_and_image_rows(world) -> None:
+    pair, adapter, tokenizer, drafter, _, _ = world
+    answer = "There are two red circles at the top left."
+    conversations = [{"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": answer}]
+    example = encode_example(conversations, random_image(3), pair.processor, adapter, max_length=256)
+    bridge = TokenBridge(pair.tokenizer, tokenizer, adapter, drafter.config.image_token_id)
+    ids, labels = retokenize_example(bridge, example.input_ids, example.labels)
+    assert tokenizer.decode(labels[labels != IGNORE_INDEX].tolist()) == answer + "<|im_end|>"
+    assert int((ids == drafter.config.image_token_id).sum()) == int((example.input_ids == adapter.image_token_id).sum())
+    features = drafter.encode_images(example.image_inputs)
+    loss = drafter(input_ids=ids[None], labels=labels[None], image_features=features).loss
+    assert torch.isfinite(loss)
+
+
+def test_cross_tokenizer_drafter_round_trips(world, tmp_path) -> None:
+    pair, _, tokenizer, drafter, cases, references = world
+    drafter.save_pretrained(tmp_path / "drafter")
+    loaded = MultimodalDrafter.from_pretrained(tmp_path / "drafter", target=pair.target).eval()
+    assert loaded.config.cross_tokenizer and loaded.config.image_token_id == drafter.config.image_token_id
+    assert _generate(pair, CrossTokenizerDrafter(loaded, tokenizer), cases[1], 3).generated_ids[0].tolist() == references[1]
