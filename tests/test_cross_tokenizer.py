@@ -219,3 +219,75 @@ def test_cross_tokenizer_drafter_round_trips(world, tmp_path) -> None:
     loaded = MultimodalDrafter.from_pretrained(tmp_path / "drafter", target=pair.target).eval()
     assert loaded.config.cross_tokenizer and loaded.config.image_token_id == drafter.config.image_token_id
     assert _generate(pair, CrossTokenizerDrafter(loaded, tokenizer), cases[1], 3).generated_ids[0].tolist() == references[1]
+
+
+def _sliding_window_drafter(tokenizer):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)).eval()
+
+
+@pytest.fixture(scope="module")
+def gemma_world():
+    pair = build_tiny_pair("gemma3", seed=0)
+    tokenizer = build_foreign_tokenizer(DEFAULT_CORPUS, vocab_size=300, split_words=False)
+    return pair, tokenizer, CrossTokenizerDrafter(_sliding_window_drafter(tokenizer), tokenizer)
+
+
+def test_gemma3_target_with_a_drafter_of_another_tokenizer(gemma_world) -> None:
+    """The reverse pair: a Gemma3 target, a drafter with a ChatML tokenizer and sliding-window layers."""
+    pair, _, wrapped = gemma_world
+    generator = SpeculativeGenerator(pair.target, wrapped, pair.processor)
+    for prompt in PROMPTS:
+        for image in (None, random_image(len(prompt))):
+            inputs = prompt_inputs(pair, prompt, image)
+            reference = pair.target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
+            output = generator.generate_from_inputs(inputs, max_new_tokens=MAX_NEW_TOKENS, num_draft_tokens=4)
+            assert output.generated_ids[0].tolist() == reference[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_drafter_cache_after_rewrites_matches_recompute(gemma_world) -> None:
+    """After many blocks of random verdicts, the drafter's logits equal a fresh drafter's on the same text,
+    though re-tokenized accepted text rewrote cached tokens; so after a crop deeper than its sliding-window
+    layers allow (the cache is rebuilt from the view)."""
+    import numpy as np
+
+    from massv.speculative import CommittedTokens, DraftRequest, SamplingConfig
+    from massv.speculative.proposers import CrossTokenizerProposer
+
+    pair, _, wrapped = gemma_world
+    adapter = get_adapter(pair.target.config)
+    inputs = prompt_inputs(pair, PROMPTS[0], None)
+    request = DraftRequest(target=pair.target, adapter=adapter, prompt_ids=inputs["input_ids"], image_inputs={},
+                           vision_features={}, settings=SamplingConfig(), eos_token_ids=frozenset(),
+                           replacement_id=0, target_tokenizer=pair.tokenizer)
+    text_ids = pair.tokenizer.encode(" ".join(DEFAULT_CORPUS), add_special_tokens=False)
+    rng = np.random.default_rng(0)
+    sequence = CommittedTokens(inputs["input_ids"], capacity=400)
+    sequence.append([text_ids[0]])
+    proposer = CrossTokenizerProposer(wrapped, request)
+    proposer.prefill(sequence)
+    position = 1
+    with torch.no_grad():
+        for _ in range(25):
+            proposal = proposer.propose(sequence, 4)
+            kept = int(rng.integers(0, len(proposal) + 1))
+            proposer.commit(kept)
+            # Accept a prefix of the drafts, then "the target's token": the corpus text, a piece at a time.
+            sequence.append(proposal.token_list[:kept] + text_ids[position : position + 1])
+            position += 1
+        view = proposer.prompt_view + proposer.bridge.drafter_ids(proposer.bridge.target_text(sequence.generated))
+        cached_logits = proposer._catch_up(view)
+        fresh = CrossTokenizerProposer(wrapped, request)
+        fresh.prefill(sequence)
+        fresh_logits = fresh._catch_up(view)
+        assert proposer.stats.view_rewrites > 0
+        assert torch.allclose(cached_logits, fresh_logits, atol=1e-5, rtol=0)
+        # Back to the prompt: further than its sliding-window layers can crop, so the cache is rebuilt.
+        proposer._crop(len(proposer.cached) - len(proposer.prompt_view))
+        assert proposer.stats.cache_rebuilds == 1
+        assert torch.allclose(proposer._catch_up(view), fresh_logits, atol=1e-5, rtol=0)

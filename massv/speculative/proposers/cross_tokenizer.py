@@ -99,6 +99,7 @@ class RetokenizationStats:
     target_tokens: int = 0  # candidates handed to the target
     boundary_merges: int = 0  # drafted text merged with the committed tail: the committed tokens stood
     view_rewrites: int = 0  # re-tokenizing the accepted text changed drafter tokens already in its cache
+    cache_rebuilds: int = 0  # ... further back than a sliding-window cache can crop: re-fed from the view
 
 
 class CrossTokenizerProposer(Proposer):
@@ -251,6 +252,7 @@ class CrossTokenizerProposer(Proposer):
         if num_tokens > self._fed_in_last_block and _has_sliding_layers(self.cache):
             # A sliding-window layer that records its past can only remove what was added since its last crop:
             # rebuild the cache from the view instead (rare: only when the accepted text re-tokenizes earlier).
+            self.stats.cache_rebuilds += 1
             kept = self.cached[: len(self.cached) - num_tokens]
             self.cache = new_rollback_cache(self.language_model)
             self.cached, self._fed_in_last_block = [], 0
