@@ -134,8 +134,6 @@ class SpeculativeGenerator:
         # 0. Check everything before any model work.
         self._check_lengths(max_new_tokens, num_draft_tokens)
         settings = self.resolve_settings(temperature, top_p, top_k, repetition_penalty, **sampling_settings)
-        if num_draft_tokens > 0:
-            self.proposer_class.check_settings(self.drafter, settings)
         input_ids, image_inputs = self._request_inputs(processor_outputs)
         eos_ids = self._eos_ids(eos_token_id)
         random = RandomStreams(seed)

@@ -123,10 +123,6 @@ class Proposer(ABC):
         """Raise `DrafterPairError` if `drafter` cannot draft for `target` (called once, at construction)."""
 
     @classmethod
-    def check_settings(cls, drafter: nn.Module, settings: SamplingConfig) -> None:
-        """Raise if this proposer cannot stay lossless under `settings` (called before any model work)."""
-
-    @classmethod
     def vision_features_needed(cls, drafter: nn.Module) -> tuple[str, ...]:
         """Kinds of vision features (besides the target's "projected") this drafter reads."""
         return ()

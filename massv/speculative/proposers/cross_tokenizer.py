@@ -11,16 +11,21 @@ Each block:
   3. the drafted text becomes target candidates, aligned with the committed tail so merges across the
      boundary come out as the target's tokens.
 The target verifies the candidates as any proposal, so greedy output equals `target.generate` whatever the
-drafter says. Sampling is refused: q over the target's tokens is not defined for text drafted in another
-tokenizer's tokens (a candidate can be one target token drafted as three), so speculative sampling's
-acceptance test would have no q to divide by; it would be silently lossy.
+drafter says.
+
+Sampling (T > 0) needs q, the drafter's distribution over the *target's* tokens, which text drafted in other
+tokens does not have (one target token may be drafted as three). So when sampling, the drafter drafts only
+tokens of the shared vocabulary (`token_bridge.shared_vocabulary`: drafter tokens whose text is exactly one
+target token), one target token per draft: q is its renormalised distribution there, mapped onto the target
+ids, and standard speculative sampling keeps the target's distribution exactly (the vocabulary-intersection
+variant of universal speculative decoding). The context still reaches the drafter through text.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -30,8 +35,13 @@ from transformers import PreTrainedModel
 from massv.drafter import MultimodalDrafter
 from massv.families import FamilyAdapter
 from massv.speculative.proposers.base import CommittedTokens, DraftRequest, DrafterPairError, Proposal, Proposer
-from massv.speculative.proposers.token_bridge import DEFAULT_WINDOW, TokenBridge, common_prefix_length
-from massv.speculative.sampling import SamplingConfig, UnsupportedSettingError
+from massv.speculative.proposers.token_bridge import (
+    DEFAULT_WINDOW,
+    TokenBridge,
+    common_prefix_length,
+    shared_vocabulary,
+)
+from massv.speculative.sampling import ScoreProcessor, UnsupportedSettingError, probs_from_scores, sample
 from massv.speculative.target import new_rollback_cache
 
 logger = logging.getLogger(__name__)
@@ -54,6 +64,7 @@ class CrossTokenizerDrafter(nn.Module):
         self.window = window
         self.drafts_per_candidate = drafts_per_candidate
         self.last_stats: RetokenizationStats | None = None
+        self._shared_vocabularies: dict[tuple[int, int, int], tuple[list[int], list[int]]] = {}
         if eos_token_ids is None:
             eos_token_ids = _declared_eos(self.language_model, tokenizer)
         self.eos_token_ids = frozenset(int(token) for token in eos_token_ids)
@@ -69,6 +80,16 @@ class CrossTokenizerDrafter(nn.Module):
     @property
     def image_placeholder_id(self) -> int | None:
         return int(self.drafter.config.image_token_id) if self.multimodal else None
+
+    def shared_vocabulary(self, bridge: TokenBridge, drafter_vocab_size: int, target_vocab_size: int
+                          ) -> tuple[list[int], list[int]]:
+        """`token_bridge.shared_vocabulary`, computed once per target tokenizer (a pass over the vocabulary)."""
+        key = (id(bridge.target_tokenizer), drafter_vocab_size, target_vocab_size)
+        if key not in self._shared_vocabularies:
+            self._shared_vocabularies[key] = shared_vocabulary(bridge, drafter_vocab_size, target_vocab_size)
+            logger.info("the drafter's and the target's tokenizers share %d tokens (sampling drafts only these)",
+                        len(self._shared_vocabularies[key][0]))
+        return self._shared_vocabularies[key]
 
     def draft_budget(self, max_candidates: int) -> int:
         """The most drafter tokens one block may draft for `max_candidates` target candidates."""
@@ -104,7 +125,7 @@ class RetokenizationStats:
 
 class CrossTokenizerProposer(Proposer):
     """Drafts with a foreign-tokenizer drafter, text-only or MASSV (projected target features at its own
-    image placeholders), greedy only."""
+    image placeholders): through text when greedy, from the shared vocabulary when sampling."""
 
     name = "cross-tokenizer"
 
@@ -134,20 +155,10 @@ class CrossTokenizerProposer(Proposer):
                 "(config.cross_tokenizer is false): build it with massv.train.retokenize.cross_tokenizer_drafter")
 
     @classmethod
-    def check_settings(cls, drafter: nn.Module, settings: SamplingConfig) -> None:
-        if not settings.greedy:
-            raise UnsupportedSettingError(
-                f"temperature={settings.temperature:g}: a drafter with another tokenizer drafts greedy only. Its "
-                "drafts are text, re-tokenized into target tokens, so it has no distribution q over the target's "
-                "tokens, and speculative sampling without q would not sample from the target's distribution. "
-                "Use temperature=0, or a drafter that shares the target's tokenizer for sampling.")
-
-    @classmethod
     def vision_features_needed(cls, drafter: nn.Module) -> tuple[str, ...]:
         return (drafter.drafter.config.vision_feature,) if drafter.multimodal else ()
 
     def __init__(self, drafter: CrossTokenizerDrafter, request: DraftRequest) -> None:
-        self.check_settings(drafter, request.settings)
         self.wrapper = drafter
         self.model = drafter.drafter
         self.request = request
@@ -167,6 +178,28 @@ class CrossTokenizerProposer(Proposer):
         self.view_length = len(self.prompt_view)  # prompt + answer view as of the last block
         self.stats = RetokenizationStats()
         drafter.last_stats = self.stats  # the latest request's conversion counts, for tests and reports
+        self.shared: tuple[torch.Tensor, torch.Tensor] | None = None
+        if not request.settings.greedy:
+            self._prepare_sampling()
+
+    def _prepare_sampling(self) -> None:
+        """The shared vocabulary as index tensors, and the drafter's warpers (no repetition penalty: its
+        history lives in target ids; q need only be what the drafts are sampled from, not p)."""
+        drafter_ids, target_ids = self.wrapper.shared_vocabulary(self.bridge, self.draftable,
+                                                                 self.request.target_vocab_size)
+        if not drafter_ids:
+            raise UnsupportedSettingError(
+                f"temperature={self.request.settings.temperature:g}: the drafter's and the target's tokenizers "
+                "share no token (same text, one token each), so no draft could be sampled losslessly; use "
+                "temperature=0 (greedy drafts through text)")
+        self.shared = (torch.tensor(drafter_ids, device=self.device),
+                       torch.tensor(target_ids, device=self.request.target.device))
+        self.shared_mask = torch.zeros(self.draftable, dtype=torch.bool, device=self.device)
+        self.shared_mask[self.shared[0]] = True
+        self.to_target = torch.full((self.draftable,), -1, dtype=torch.long, device=self.device)
+        self.to_target[self.shared[0]] = self.shared[1].to(self.device)
+        self.processor = ScoreProcessor(replace(self.request.settings, repetition_penalty=1.0), self.device)
+        self.generator = self.request.random.on(self.device)
 
     def _check_placeholders(self) -> None:
         placeholders = self.prompt_view.count(self.wrapper.image_placeholder_id)
@@ -186,6 +219,8 @@ class CrossTokenizerProposer(Proposer):
         self.answer_view = self.bridge.drafter_ids(self.bridge.target_text(committed))
         view = self.prompt_view + self.answer_view
         logits = self._catch_up(view)
+        if self.shared is not None:
+            return self._propose_sampled(logits, max_tokens)
         # 2. Draft in the drafter's tokens (greedy: the argmax of its own ids) until the drafted text makes more
         #    than `max_tokens` target tokens (so the last one kept is complete), or the budget runs out.
         #    3. Each time, the drafted text -> target candidates, aligned with the committed tail.
@@ -207,6 +242,26 @@ class CrossTokenizerProposer(Proposer):
         self.stats.boundary_merges += int(converted.boundary_merge)
         tokens = torch.tensor(candidates, dtype=torch.long, device=self.request.target.device)
         return Proposal(tokens, None, forwards=len(drafts))
+
+    def _propose_sampled(self, logits: torch.Tensor, max_tokens: int) -> Proposal:
+        """Drafts from the shared vocabulary, one target token each, with their q rows over target ids."""
+        target_device = self.request.target.device
+        probs = torch.zeros(max_tokens, self.request.target_vocab_size, device=target_device)
+        drafts: list[int] = []
+        for index in range(max_tokens):
+            scores = logits[: self.draftable].masked_fill(~self.shared_mask, float("-inf")).unsqueeze(0)
+            q = probs_from_scores(self.processor(scores))  # (1, draftable), zero outside the shared vocabulary
+            token = sample(q, self.generator)
+            probs[index].index_add_(0, self.shared[1], q[0, self.shared[0]].to(target_device))
+            drafts.append(int(token))  # one host sync per draft (the drafter reads it next)
+            if index == max_tokens - 1 or drafts[-1] in self.wrapper.eos_token_ids:
+                break
+            logits = self._feed(drafts[-1:])
+        self.stats.proposals += 1
+        self.stats.drafter_tokens += len(drafts)
+        self.stats.target_tokens += len(drafts)
+        tokens = self.to_target[torch.tensor(drafts, device=self.device)].to(target_device)
+        return Proposal(tokens, probs[: len(drafts)], forwards=len(drafts))
 
     def commit(self, num_accepted: int) -> None:
         # Nothing to drop yet: the next `propose` re-tokenizes the accepted text (it includes the target's own
