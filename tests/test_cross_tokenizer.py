@@ -275,7 +275,7 @@ def test_gemma3_target_with_a_drafter_of_another_tokenizer(gemma_world) -> None:
     """The reverse pair: a Gemma3 target, a drafter with a ChatML tokenizer and sliding-window layers."""
     pair, _, wrapped = gemma_world
     generator = SpeculativeGenerator(pair.target, wrapped, pair.processor)
-    for prompt in PROMPTS:
+    for prompt in PROMPTS[:2]:
         for image in (None, random_image(len(prompt))):
             inputs = prompt_inputs(pair, prompt, image)
             reference = pair.target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
