@@ -214,11 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     samples = load_benchmark("world", world_dir, split="heldout")
     settings = EvalSettings(num_draft_tokens=5, temperature=0.0, max_new_tokens=size["max_new_tokens"], seed=args.seed)
-    drafters = {
-        "text_only (same LM, own tokenizer)": CrossTokenizerDrafter(text_lm, drafter_tokenizer),
-        "massv phase 1 (own tokenizer)": CrossTokenizerDrafter(phase1, drafter_tokenizer),
-        "massv (own tokenizer)": CrossTokenizerDrafter(phase2, drafter_tokenizer),
-    }
+    text_lm.save_pretrained(out / "text_lm")
+    phase1.save_pretrained(out / "massv_phase1_drafter")
+    drafters = {}
+    for heal in (True, False):  # token healing on (the default) and off, for the record
+        suffix = "" if heal else ", no token healing"
+        drafters.update({
+            f"text-only (same LM, own tokenizer{suffix})": CrossTokenizerDrafter(text_lm, drafter_tokenizer, heal=heal),
+            f"MASSV phase 1 (own tokenizer{suffix})": CrossTokenizerDrafter(phase1, drafter_tokenizer, heal=heal),
+            f"MASSV (own tokenizer{suffix})": CrossTokenizerDrafter(phase2, drafter_tokenizer, heal=heal),
+        })
     baseline_cache: dict[tuple[Any, ...], tuple[list[int], float]] = {}
     results: dict[str, Any] = {}
     for name, drafter in drafters.items():
@@ -231,7 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "size": "quick" if args.quick else "full", "sizes": size, "settings": asdict(settings),
         "target": "massv/assets/world/target (Qwen2.5-VL, shipped)", "target_vocab": len(target_tokenizer),
-        "drafter_vocab": len(drafter_tokenizer), "drafter_lm_parameters_millions": round(
+        "drafter_vocab": len(drafter_tokenizer),
+        "drafter_tokenizer": "byte-level BPE merging within words" if args.tokenizer == "words"
+        else "byte-level BPE merging across spaces: tokens of several words",
+        "drafter_lm_parameters_millions": round(
             sum(p.numel() for p in text_lm.parameters()) / 1e6, 2),
         "tokens_per_answer_word": _tokens_per_text(bridge, samples),
         "losses": {"text_pretraining_final": text_losses[-1], "phase1_final": phase1_result.step_losses[-1],
@@ -301,7 +309,7 @@ def _tokens_per_text(bridge: TokenBridge, samples: list[Any]) -> dict[str, float
 def render(report: dict[str, Any]) -> str:
     lines = [f"# Cross-tokenizer drafting on the world ({report['size']})", "",
              f"Target: {report['target']}, vocabulary {report['target_vocab']}; drafter's own tokenizer: "
-             f"{report['drafter_vocab']} ids (byte-level BPE, no id shared), drafter LM "
+             f"{report['drafter_vocab']} ids ({report['drafter_tokenizer']}; its ids do not line up with the target's), drafter LM "
              f"{report['drafter_lm_parameters_millions']}M parameters. Greedy, γ = "
              f"{report['settings']['num_draft_tokens']}, max_new_tokens {report['settings']['max_new_tokens']}.", "",
              "| drafter | MAL | acceptance | identical to target.generate | speedup |", "|---|---|---|---|---|"]

@@ -40,6 +40,7 @@ from massv.speculative.proposers.token_bridge import (
     TokenBridge,
     common_prefix_length,
     shared_vocabulary,
+    token_strings,
 )
 from massv.speculative.sampling import ScoreProcessor, UnsupportedSettingError, probs_from_scores, sample
 from massv.speculative.target import new_rollback_cache
@@ -53,9 +54,10 @@ class CrossTokenizerDrafter(nn.Module):
     `tokenizer` (its own image placeholder), as `massv.train.retokenize.cross_tokenizer_drafter` builds it."""
 
     def __init__(self, drafter: nn.Module, tokenizer: Any, eos_token_ids: list[int] | None = None,
-                 window: int = DEFAULT_WINDOW, drafts_per_candidate: float = 2.0) -> None:
+                 window: int = DEFAULT_WINDOW, drafts_per_candidate: float = 2.0, heal: bool = True) -> None:
         """`drafts_per_candidate`: at most this many of its own tokens drafted per target candidate asked for
-        (a finer tokenizer needs several for one target token, a coarser one fewer: drafting stops early)."""
+        (a finer tokenizer needs several for one target token, a coarser one fewer: drafting stops early).
+        `heal`: greedy drafts start one drafter token back, re-spelling it (see `CrossTokenizerProposer._heal`)."""
         super().__init__()
         if drafts_per_candidate <= 0:
             raise ValueError(f"drafts_per_candidate must be > 0, got {drafts_per_candidate}")
@@ -63,6 +65,8 @@ class CrossTokenizerDrafter(nn.Module):
         self.tokenizer = tokenizer
         self.window = window
         self.drafts_per_candidate = drafts_per_candidate
+        self.heal = heal
+        self._token_texts: list[str] | None = None
         self.last_stats: RetokenizationStats | None = None
         self._shared_vocabularies: dict[tuple[int, int, int], tuple[list[int], list[int]]] = {}
         if eos_token_ids is None:
@@ -90,6 +94,12 @@ class CrossTokenizerDrafter(nn.Module):
             logger.info("the drafter's and the target's tokenizers share %d tokens (sampling drafts only these)",
                         len(self._shared_vocabularies[key][0]))
         return self._shared_vocabularies[key]
+
+    def token_texts(self, vocab_size: int) -> list[str]:
+        """Each drafter id's text (inside a text), computed once."""
+        if self._token_texts is None or len(self._token_texts) != vocab_size:
+            self._token_texts = token_strings(self.tokenizer, range(vocab_size))
+        return self._token_texts
 
     def draft_budget(self, max_candidates: int) -> int:
         """The most drafter tokens one block may draft for `max_candidates` target candidates."""
@@ -121,6 +131,7 @@ class RetokenizationStats:
     boundary_merges: int = 0  # drafted text merged with the committed tail: the committed tokens stood
     view_rewrites: int = 0  # re-tokenizing the accepted text changed drafter tokens already in its cache
     cache_rebuilds: int = 0  # ... further back than a sliding-window cache can crop: re-fed from the view
+    healed: int = 0  # blocks drafted from one drafter token back (token healing)
 
 
 class CrossTokenizerProposer(Proposer):
@@ -179,6 +190,7 @@ class CrossTokenizerProposer(Proposer):
         self.stats = RetokenizationStats()
         drafter.last_stats = self.stats  # the latest request's conversion counts, for tests and reports
         self.shared: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._healing_masks: dict[str, torch.Tensor] = {}
         if not request.settings.greedy:
             self._prepare_sampling()
 
@@ -216,21 +228,30 @@ class CrossTokenizerProposer(Proposer):
     def propose(self, sequence: CommittedTokens, max_tokens: int) -> Proposal:
         # 1. The accepted text, re-tokenized in the drafter's tokens; the cache keeps what it shares with it.
         committed = sequence.generated
-        self.answer_view = self.bridge.drafter_ids(self.bridge.target_text(committed))
-        view = self.prompt_view + self.answer_view
-        logits = self._catch_up(view)
+        text = self.bridge.target_text(committed)
+        self.answer_view = self.bridge.drafter_ids(text)
         if self.shared is not None:
-            return self._propose_sampled(logits, max_tokens)
+            return self._propose_sampled(self._catch_up(self.prompt_view + self.answer_view), max_tokens)
+        healed = self._heal(text)
+        logits = self._catch_up(self.prompt_view + self.answer_view)
         # 2. Draft in the drafter's tokens (greedy: the argmax of its own ids) until the drafted text makes more
         #    than `max_tokens` target tokens (so the last one kept is complete), or the budget runs out.
         #    3. Each time, the drafted text -> target candidates, aligned with the committed tail.
         drafts: list[int] = []
+        candidates: list[int] = []
+        boundary_merge = False
         budget = self.wrapper.draft_budget(max_tokens)
         for index in range(budget):
-            token = int(logits[: self.draftable].argmax())  # one host sync per draft
+            scores = logits[: self.draftable]
+            if index == 0 and healed:  # the first draft must re-spell the backed-off text
+                scores = scores.masked_fill(~self._healing_mask(healed), float("-inf"))
+            token = int(scores.argmax())  # one host sync per draft
             drafts.append(token)
-            converted = self.bridge.candidates(committed, self.bridge.drafted_text(self.answer_view, drafts))
-            candidates = self._verifiable(converted.target_ids)
+            drafted = self.bridge.drafted_text(self.answer_view, drafts)
+            if not drafted.startswith(healed):  # decoding in context spelled it otherwise: draft nothing
+                break
+            converted = self.bridge.candidates(committed, drafted[len(healed):])
+            candidates, boundary_merge = self._verifiable(converted.target_ids), converted.boundary_merge
             if token in self.wrapper.eos_token_ids or len(candidates) > max_tokens or index == budget - 1 \
                     or len(candidates) < len(converted.target_ids):
                 break
@@ -239,9 +260,35 @@ class CrossTokenizerProposer(Proposer):
         self.stats.proposals += 1
         self.stats.drafter_tokens += len(drafts)
         self.stats.target_tokens += len(candidates)
-        self.stats.boundary_merges += int(converted.boundary_merge)
+        self.stats.boundary_merges += int(boundary_merge)
         tokens = torch.tensor(candidates, dtype=torch.long, device=self.request.target.device)
         return Proposal(tokens, None, forwards=len(drafts))
+
+    def _heal(self, text: str) -> str:
+        """Back off the answer's last drafter token (token healing); returns the text it spelled.
+
+        Why: the accepted text ends where the *target's* token ended, often inside one of the drafter's tokens
+        ("There are" -> "There ar" + "e", where its training text had "There ar" + "e four large"). Drafting
+        from one token earlier, with the first draft constrained to spell the backed-off text, lets the drafter
+        continue with the tokens it learned instead of from a fragment it never saw.
+        """
+        if not self.wrapper.heal or not self.answer_view:
+            return ""
+        suffix = self.bridge.drafted_text(self.answer_view[:-1], self.answer_view[-1:])
+        if not suffix or not text.endswith(suffix):
+            return ""
+        self.answer_view = self.answer_view[:-1]
+        self.stats.healed += 1
+        return suffix
+
+    def _healing_mask(self, prefix: str) -> torch.Tensor:
+        """Drafter tokens whose text starts with `prefix` (cached per prefix: answers repeat their words)."""
+        if prefix not in self._healing_masks:
+            texts = self.wrapper.token_texts(self.draftable)
+            mask = torch.zeros(self.draftable, dtype=torch.bool)
+            mask[[index for index, piece in enumerate(texts) if piece.startswith(prefix)]] = True
+            self._healing_masks[prefix] = mask.to(self.device)
+        return self._healing_masks[prefix]
 
     def _propose_sampled(self, logits: torch.Tensor, max_tokens: int) -> Proposal:
         """Drafts from the shared vocabulary, one target token each, with their q rows over target ids."""

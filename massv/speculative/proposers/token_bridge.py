@@ -131,7 +131,7 @@ class TokenBridge:
         return Candidates(self.target_ids(text), True)
 
 
-def _token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+def token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
     """Each id's text *inside* a text (decoded after an anchor, so a SentencePiece piece keeps its space)."""
     anchor = list(tokenizer.encode("a", add_special_tokens=False))[:1]
     start = len(tokenizer.decode(anchor, skip_special_tokens=False, clean_up_tokenization_spaces=False))
@@ -151,12 +151,12 @@ def shared_vocabulary(bridge: TokenBridge, drafter_vocab_size: int, target_vocab
     """
     excluded = set(bridge.image_block_ids) | ({bridge.image_placeholder_id} - {None})
     drafter_ids = [index for index in range(drafter_vocab_size) if index not in excluded]
-    strings = _token_strings(bridge.drafter_tokenizer, drafter_ids)
+    strings = token_strings(bridge.drafter_tokenizer, drafter_ids)
     encoded = bridge.target_tokenizer(strings, add_special_tokens=False)["input_ids"]
     candidates = [(drafter_id, ids[0], text) for drafter_id, text, ids in zip(drafter_ids, strings, encoded)
                   if text and REPLACEMENT_CHARACTER not in text and len(ids) == 1 and ids[0] < target_vocab_size
                   and ids[0] not in excluded]
-    round_trip = _token_strings(bridge.target_tokenizer, [target_id for _, target_id, _ in candidates])
+    round_trip = token_strings(bridge.target_tokenizer, [target_id for _, target_id, _ in candidates])
     pairs = [(drafter_id, target_id) for (drafter_id, target_id, text), back in zip(candidates, round_trip)
              if back == text]
     return [drafter_id for drafter_id, _ in pairs], [target_id for _, target_id in pairs]
