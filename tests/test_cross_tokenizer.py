@@ -95,9 +95,10 @@ def test_massv_across_tokenizers_matches_target_generate(world, num_draft_tokens
     assert accepted > 0  # the fitted drafter agrees in part: partly accepted blocks were exercised
 
 
-def test_text_only_across_tokenizers_matches_target_generate(world) -> None:
+@pytest.mark.parametrize("heal", [True, False])
+def test_text_only_across_tokenizers_matches_target_generate(world, heal: bool) -> None:
     pair, _, tokenizer, drafter, cases, references = world
-    wrapped = CrossTokenizerDrafter(drafter.language_model, tokenizer)
+    wrapped = CrossTokenizerDrafter(drafter.language_model, tokenizer, heal=heal)
     for inputs, reference in zip(cases, references):
         assert _generate(pair, wrapped, inputs, 4).generated_ids[0].tolist() == reference
 
@@ -107,15 +108,17 @@ def test_retokenization_moves_boundaries(world) -> None:
     re-tokenizing the accepted text rewrites drafter tokens the cache already held."""
     pair, _, tokenizer, drafter, cases, references = world
     wrapped = CrossTokenizerDrafter(drafter, tokenizer)
-    merges = rewrites = drafted = candidates = 0
+    merges = rewrites = drafted = candidates = healed = 0
     for inputs in cases:
         _generate(pair, wrapped, inputs, 5)
         stats = wrapped.last_stats
         merges, rewrites = merges + stats.boundary_merges, rewrites + stats.view_rewrites
         drafted, candidates = drafted + stats.drafter_tokens, candidates + stats.target_tokens
+        healed += stats.healed
     assert merges > 0
     assert rewrites > 0
     assert drafted != candidates
+    assert healed > 0  # drafts started one drafter token back, re-spelling it
 
 
 def test_bridge_aligns_a_merge_across_the_boundary(world) -> None:

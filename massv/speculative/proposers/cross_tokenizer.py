@@ -7,9 +7,11 @@ Each block:
   1. the committed target tokens become the drafter's view through text (`TokenBridge`): the prompt once,
      the answer so far re-encoded each block; the drafter's KV cache is cropped to the longest prefix it
      shares with that view (the accepted text, re-tokenized), and only the rest is fed;
-  2. the drafter drafts γ of its own tokens greedily;
+  2. the drafter drafts its own tokens greedily, from one token back: the accepted text's last drafter token
+     is re-spelled by the first draft (token healing: the target's token boundary is often inside one of
+     the drafter's tokens, a fragment its training text never ended on);
   3. the drafted text becomes target candidates, aligned with the committed tail so merges across the
-     boundary come out as the target's tokens.
+     boundary come out as the target's tokens; drafting stops once there are more than γ of them.
 The target verifies the candidates as any proposal, so greedy output equals `target.generate` whatever the
 drafter says.
 
