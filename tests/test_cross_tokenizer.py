@@ -327,3 +327,28 @@ def test_drafter_cache_after_rewrites_matches_recompute(gemma_world) -> None:
         proposer._crop(len(proposer.cached) - len(proposer.prompt_view))
         assert proposer.stats.cache_rebuilds == 1
         assert torch.allclose(proposer._catch_up(view), fresh_logits, atol=1e-5, rtol=0)
+
+
+def test_phase1_across_tokenizers_trains_the_projector_only(world, tmp_path) -> None:
+    """Phase 1 on re-tokenized captions: the projector moves, the LM stays; the loss is the drafter's own."""
+    import copy
+
+    from massv.config import TrainingConfig
+    from massv.train.data import DrafterDataset
+    from massv.train.llava_data import load_llava_records
+    from massv.train.retokenize import train_cross_tokenizer_phase
+    from tests.helpers_train import write_llava
+
+    pair, adapter, tokenizer, fitted, _, _ = world
+    drafter = cross_tokenizer_drafter(pair.target, copy.deepcopy(fitted.language_model), tokenizer, FOREIGN_IMAGE_TOKEN)
+    before = {name: value.clone() for name, value in drafter.state_dict().items()}
+    json_path, image_root = write_llava(tmp_path / "data", 4)
+    records, _ = load_llava_records(json_path, image_root)
+    config = TrainingConfig(output_dir=str(tmp_path / "phase1"), max_steps=3, per_device_batch_size=2,
+                            gradient_accumulation_steps=1, learning_rate=1e-2, mixed_precision="no",
+                            save_every_steps=None, warmup_ratio=0.0)
+    trained, result = train_cross_tokenizer_phase(drafter, DrafterDataset(records, pair.processor, adapter, 256),
+                                                  pair.tokenizer, tokenizer, config, phase=1)
+    assert result.finished and len(result.step_losses) == 3
+    changed = {name for name, value in trained.state_dict().items() if not torch.equal(value, before[name])}
+    assert changed and all(name.startswith("projector.") for name in changed)
