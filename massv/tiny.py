@@ -142,6 +142,36 @@ def build_qwen_tokenizer(corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int
     return tokenizer
 
 
+FOREIGN_IMAGE_TOKEN = "<|image|>"
+
+
+def build_foreign_tokenizer(corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 300,
+                            special_tokens: Iterable[str] = (*QWEN_SPECIAL_TOKENS, FOREIGN_IMAGE_TOKEN),
+                            split_words: bool = True) -> PreTrainedTokenizerFast:
+    """A drafter's own tokenizer: another vocabulary size, and its special tokens *after* the learned ones.
+
+    Why: no id means the same as in the target's tokenizer (the special tokens shift every learned id), and
+    another merge budget splits words at other boundaries, as a tokenizer of another family does. It spells
+    the ChatML markers like Qwen (as SmolLM2 does), so a target's rendered prompt reads naturally, and has its
+    own image placeholder `FOREIGN_IMAGE_TOKEN` for a cross-tokenizer MASSV drafter. `split_words=False`
+    lets merges run across spaces: tokens of several words ("Ġon the left,"), whose boundaries fall inside
+    the target's tokens as often as between them.
+    """
+    specials = list(special_tokens)
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split_words)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(list(corpus), trainers.BpeTrainer(
+        vocab_size=vocab_size - len(specials), special_tokens=[], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.pad_token = "<|endoftext|>"
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
 def build_gemma_tokenizer(corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 384,
                           adds_bos: bool = False) -> PreTrainedTokenizerFast:
     """A Gemma3-style tokenizer whose image soft token id is `vocab_size`: one past the text vocabulary.

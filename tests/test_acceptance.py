@@ -40,3 +40,14 @@ def test_sampled_rule_draws_only_from_its_generator() -> None:
     other = [accept_sampled(*_block(seed=block), generator=torch.Generator().manual_seed(900 + block))
              for block in range(20)]
     assert other != verdicts[0]
+
+
+def test_residual_distribution_normalises_each_row_on_its_own() -> None:
+    from massv.speculative import residual_distribution
+
+    generator = torch.Generator().manual_seed(3)
+    target_probs = torch.softmax(torch.randn(3, 5, generator=generator), dim=-1)
+    draft_probs = torch.softmax(torch.randn(3, 5, generator=generator), dim=-1)
+    residual = residual_distribution(target_probs, draft_probs)
+    expected = torch.clamp(target_probs - draft_probs, min=0)
+    torch.testing.assert_close(residual, expected / expected.sum(dim=-1, keepdim=True))

@@ -111,3 +111,9 @@ def test_decode_rate_counts_fractions_of_a_second() -> None:
     stats.drafting_seconds, stats.verifying_seconds, stats.total_seconds = 0.25, 0.25, 0.8
     assert stats.decode_tokens_per_second == pytest.approx(5 / 0.5)
     assert stats.tokens_per_second == pytest.approx(6 / 0.8)
+
+
+def test_a_step_is_a_full_block_unless_said_otherwise() -> None:
+    stats = GenerationStats(num_draft_tokens=4)
+    stats.record_step(4, 3, 2, 3)
+    assert stats.budget_limited == [False] and stats.mean_accepted_length_full_blocks == 3.0

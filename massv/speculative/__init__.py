@@ -20,6 +20,7 @@ from massv.speculative.acceptance import (
 from massv.speculative.engine import SpeculativeGenerator, SpeculativeOutput, UnsupportedInputError
 from massv.speculative.proposers import (
     CommittedTokens,
+    CrossTokenizerDrafter,
     DrafterPairError,
     DraftRequest,
     Proposal,
@@ -38,6 +39,7 @@ __all__ = [
     "STRATEGIES",
     "AdaptiveLength",
     "CommittedTokens",
+    "CrossTokenizerDrafter",
     "DraftRequest",
     "DraftTree",
     "DrafterPairError",

@@ -204,7 +204,7 @@ class SpeculativeGenerator:
             request = DraftRequest(
                 target=self.target, adapter=self.adapter, prompt_ids=input_ids, image_inputs=image_inputs,
                 vision_features=vision_features, settings=settings, eos_token_ids=frozenset(eos_ids),
-                replacement_id=self._replacement_id(), random=random,
+                replacement_id=self._replacement_id(), random=random, target_tokenizer=self.tokenizer,
                 new_positions=max_new_tokens + num_draft_tokens + 1, static_decoder=self.static_decoder,
                 # Greedy only: there a draft survives iff it is the target's argmax, which a calibrated drafter's
                 # own probability estimates. When sampling, a draft survives with min(1, p/q) whatever q(x) is

@@ -18,6 +18,7 @@ from massv.speculative.proposers.base import (
     Proposer,
     RandomStreams,
 )
+from massv.speculative.proposers.cross_tokenizer import CrossTokenizerDrafter, CrossTokenizerProposer
 from massv.speculative.proposers.language_model import CausalLMProposer, MultimodalProposer
 from massv.speculative.proposers.static_decoder import StaticDecoder, StaticDecoderError
 from massv.speculative.proposers.target_copy import TargetAsDrafter, TargetCopyProposer
@@ -42,7 +43,8 @@ def proposer_class_for(drafter: nn.Module) -> type[Proposer]:
             return _REGISTRY[klass]
     raise DrafterPairError(
         f"no proposer is registered for drafters of type {type(drafter).__name__}; use a MultimodalDrafter, a "
-        "Hugging Face causal LM of the target's family, or TargetAsDrafter, or register one with "
+        "Hugging Face causal LM of the target's family, CrossTokenizerDrafter (a drafter with its own "
+        "tokenizer), or TargetAsDrafter, or register one with "
         "massv.speculative.proposers.register_proposer"
     )
 
@@ -50,10 +52,13 @@ def proposer_class_for(drafter: nn.Module) -> type[Proposer]:
 register_proposer(PreTrainedModel)(CausalLMProposer)
 register_proposer(MultimodalDrafter)(MultimodalProposer)
 register_proposer(TargetAsDrafter)(TargetCopyProposer)
+register_proposer(CrossTokenizerDrafter)(CrossTokenizerProposer)
 
 __all__ = [
     "CausalLMProposer",
     "CommittedTokens",
+    "CrossTokenizerDrafter",
+    "CrossTokenizerProposer",
     "DraftRequest",
     "DrafterPairError",
     "MultimodalProposer",

@@ -60,6 +60,7 @@ class DraftRequest:
     static_decoder: Any = None  # a StaticDecoder when the generator was built with compile_drafter=True
     # Adaptive chains: stop a block once the drafter's probability of its own guess falls below this.
     confidence_threshold: float | None = None
+    target_tokenizer: Any = None  # the target's tokenizer (the processor's): a foreign-tokenizer drafter reads text
 
     @property
     def target_vocab_size(self) -> int:

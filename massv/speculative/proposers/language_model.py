@@ -38,15 +38,31 @@ def check_language_model(language_model: nn.Module, adapter: FamilyAdapter, toke
             f"{what} is a {model_type!r} model, which does not share the tokenizer of {adapter.model_type!r} "
             f"targets (drafters must be one of {list(adapter.drafter_model_types)}): its drafts would be "
             "other tokens than the target verifies. Use a small LM of the target's family "
-            "(Qwen2.5-VL: Qwen2.5-0.5B-Instruct; Gemma3: gemma-3-1b-it or gemma-3-270m)."
+            "(Qwen2.5-VL: Qwen2.5-0.5B-Instruct; Gemma3: gemma-3-1b-it or gemma-3-270m), or opt in to drafting "
+            "through text with massv.speculative.CrossTokenizerDrafter(drafter, drafter_tokenizer)."
         )
     rows = language_model.get_input_embeddings().num_embeddings
     highest = _highest_text_id(tokenizer, adapter)
     if highest is not None and highest >= rows:
         raise DrafterPairError(
             f"{what} embeds {rows} token ids but the target's tokenizer emits ids up to {highest}: the drafter "
-            "cannot read the target's tokens. Pair the target with a drafter of the same tokenizer."
+            "cannot read the target's tokens. Pair the target with a drafter of the same tokenizer, or draft "
+            "through text: massv.speculative.CrossTokenizerDrafter(drafter, drafter_tokenizer)."
         )
+    drafter_eos = _id_set(getattr(getattr(language_model, "generation_config", None), "eos_token_id", None))
+    target_eos = _id_set(getattr(tokenizer, "eos_token_id", None))
+    if drafter_eos and target_eos and not drafter_eos & target_eos:
+        raise DrafterPairError(
+            f"{what} ends sequences with token ids {sorted(drafter_eos)}, the target's tokenizer with "
+            f"{sorted(target_eos)}: they do not share a tokenizer. Wrap the drafter with its own tokenizer, "
+            "massv.speculative.CrossTokenizerDrafter(drafter, drafter_tokenizer), to draft through text."
+        )
+
+
+def _id_set(ids: Any) -> set[int]:
+    if ids is None:
+        return set()
+    return {int(ids)} if isinstance(ids, int) else {int(token) for token in ids}
 
 
 class CausalLMProposer(Proposer):
@@ -210,6 +226,12 @@ class MultimodalProposer(CausalLMProposer):
         if config.family != adapter.model_type:
             raise DrafterPairError(
                 f"the MASSV drafter was trained for a {config.family!r} target, not {adapter.model_type!r}")
+        if config.image_token_id != adapter.image_token_id:
+            raise DrafterPairError(
+                f"the MASSV drafter marks image features with token id {config.image_token_id}, the target with "
+                f"{adapter.image_token_id}: it reads another tokenizer's ids. Wrap it with its own tokenizer, "
+                "massv.speculative.CrossTokenizerDrafter(drafter, drafter_tokenizer), to draft through text."
+            )
         expected = adapter.feature_dim(config.vision_feature)
         if config.vision_feature_dim != expected:
             raise DrafterPairError(
