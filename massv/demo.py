@@ -42,10 +42,16 @@ DRAFTERS = {
 # Phase 2 runs long on few prompts: on the shipped world, 400 -> 1000 steps raised full MASSV's greedy MAL from
 # 3.81 to 4.26 while the text-only drafter tuned the same way stayed at 3.44-3.49 (the image is what it learns).
 # 1500 steps added nothing greedy (4.29) and overfit: sampled (T=1) MAL fell from 3.28 to 2.92.
+# `sampled_answers`: how many extra answers per training prompt the target samples at SAMPLED_TEMPERATURE, next
+# to its greedy one; phase 2 (and baseline (b)) train on all of them, so the drafter meets both the target's
+# greedy phrasing and the spread it samples from (chosen on the seed-2 validation world: eval/results).
 SIZES = {
-    "full": {"pretrain": 2400, "train": 1200, "heldout": 40, "phase1_steps": 300, "phase2_steps": 1000, "max_new_tokens": 96},
-    "quick": {"pretrain": 64, "train": 32, "heldout": 3, "phase1_steps": 10, "phase2_steps": 10, "max_new_tokens": 24},
+    "full": {"pretrain": 2400, "train": 1200, "heldout": 40, "phase1_steps": 300, "phase2_steps": 1000,
+             "max_new_tokens": 96, "sampled_answers": 1},
+    "quick": {"pretrain": 64, "train": 32, "heldout": 3, "phase1_steps": 10, "phase2_steps": 10,
+              "max_new_tokens": 24, "sampled_answers": 1},
 }
+SAMPLED_TEMPERATURE = 1.0
 
 
 # Keys that name where things are, not what they are: left out of the stage keys.
@@ -74,22 +80,40 @@ def _without_paths(section: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in section.items() if key not in PATH_KEYS}
 
 
+def answer_passes(config: RunConfig, size: dict[str, int]) -> list[dict[str, Any]]:
+    """The distill sections of the self-distillation passes: the configured one (greedy in configs/demo.yaml),
+    then `size["sampled_answers"]` passes at SAMPLED_TEMPERATURE, each with its own sampling seed."""
+    greedy = config.to_dict()["distill"]
+    sampled = [{**greedy, "temperature": SAMPLED_TEMPERATURE, "seed": greedy["seed"] + 1 + index}
+               for index in range(size.get("sampled_answers", 0))]
+    return [greedy, *sampled]
+
+
+def distill_stage(index: int) -> str:
+    """The stage name of answer pass `index` ("distill", then "distill_sampled_1", ...)."""
+    return "distill" if index == 0 else f"distill_sampled_{index}"
+
+
 def stage_keys(config: RunConfig, world_hash: str, size: dict[str, int], seed: int) -> dict[str, str]:
     """One key per stage: a hash of everything the stage's output depends on, its upstream stages' keys included.
 
-    phase 1 <- the world models, the model section, phase1, the caption data; distill <- the world models,
-    the model section, distill, the prompts; phase 2 and baseline (b) <- phase2 and the keys they read from.
+    phase 1 <- the world models, the model section, phase1, the caption data; each distill pass <- the world
+    models, the model section, its distill settings, the prompts; phase 2 and baseline (b) <- phase2 and the
+    keys they read from.
     """
     raw = config.to_dict()
     base = {"world": world_hash, "seed": seed, "model": raw["model"], "data": _without_paths(raw["data"])}
     phase1 = _hash({**base, "stage": "phase1", "pretrain": size["pretrain"], "phase1": _without_paths(raw["phase1"])})
     target_only = {key: raw["model"][key] for key in ("target", "torch_dtype", "attn_implementation")}
-    distill = _hash({**base, "model": target_only, "stage": "distill", "train": size["train"], "distill": raw["distill"]})
-    phase2 = _hash({**base, "stage": "phase2", "phase1": phase1, "distill": distill,
+    distill = {distill_stage(index): _hash({**base, "model": target_only, "stage": "distill", "train": size["train"],
+                                            "distill": settings})
+               for index, settings in enumerate(answer_passes(config, size))}
+    answers = distill["distill"] if len(distill) == 1 else sorted(distill.values())
+    phase2 = _hash({**base, "stage": "phase2", "phase1": phase1, "distill": answers,
                     "phase2": _without_paths(raw["phase2"])})
-    text_only_tuned = _hash({**base, "stage": "text_only_tuned", "distill": distill,
+    text_only_tuned = _hash({**base, "stage": "text_only_tuned", "distill": answers,
                              "phase2": _without_paths(raw["phase2"])})
-    return {"phase1": phase1, "distill": distill, "phase2": phase2, "text_only_tuned": text_only_tuned}
+    return {"phase1": phase1, **distill, "phase2": phase2, "text_only_tuned": text_only_tuned}
 
 
 def _keyed_config(config: RunConfig, out: Path, keys: dict[str, str]) -> RunConfig:
@@ -144,12 +168,18 @@ def _train_or_load(config: RunConfig, phase: int, target: Any, drafter: Multimod
 
 def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_path: Path = DEFAULT_CONFIG,
              overrides: list[str] | None = None, seed: int = 0, recipe: Any = None,
-             compress: bool = False) -> dict[str, Any]:
+             compress: bool = False, heldout_seed: int | None = None,
+             sampled_answers: int | None = None) -> dict[str, Any]:
     """Run every stage (reusing finished ones) and write report.json / report.md / report.png under `out`.
+
+    `heldout_seed` (default `seed + 1`) picks the world the drafters are evaluated on: choices are made on a
+    validation world (2), the report shows another (1). `sampled_answers` overrides the size's count.
 
     `recipe` (a `WorldRecipe`) picks other world models than the shipped ones. `compress` adds the
     compression study (massv.compress.study) under `out/compression`.
     """
+    from datasets import concatenate_datasets
+
     from massv.benchmarks import load_benchmark
     from massv.train.distill import generate_responses, load_distilled_records
     from massv.train.llava_data import load_llava_records
@@ -157,7 +187,10 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
     from massv.world_models import load_world_models
 
     started = time.perf_counter()
-    size = SIZES["quick" if quick else "full"]
+    size = dict(SIZES["quick" if quick else "full"])
+    if sampled_answers is not None:
+        size["sampled_answers"] = sampled_answers
+    heldout_seed = seed + 1 if heldout_seed is None else heldout_seed
     out.mkdir(parents=True, exist_ok=True)
     config = _demo_config(config_path, out, size, overrides or [])  # config errors before any model loads
     timings: dict[str, float] = {}
@@ -183,7 +216,7 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
     image_size = world_models.recipe.image_size
     write_world(world_dir, "pretrain", size["pretrain"], seed, image_size=image_size)
     write_world(world_dir, "train", size["train"], seed, image_size=image_size)
-    write_world(world_dir, "heldout", size["heldout"], seed + 1, image_size=image_size)
+    write_world(world_dir, "heldout", size["heldout"], heldout_seed, image_size=image_size)
     timed("world_data", start)
 
     _stage("phase 1: projector pretraining on captions")
@@ -193,11 +226,19 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
     phase1_drafter = _train_or_load(config, 1, target, fresh, processor, pretrain_records, reused, "phase1")
     timed("phase1", start)
 
-    _stage("self-distillation: the target answers the training prompts")
+    _stage("self-distillation: the target answers the training prompts (greedy, then sampled)")
     start = time.perf_counter()
     train_records, _ = load_llava_records(world_dir / "train.jsonl", world_dir)
-    reused["distill"] = generate_responses(config, target=target, processor=processor, records=train_records).generated == 0
-    distilled, _ = load_distilled_records(config.data.distilled_dir, world_dir, num_workers=0)
+    answer_sets = []
+    for index, settings in enumerate(answer_passes(config, size)):
+        stage = distill_stage(index)
+        pass_config = load_config(config.to_dict(), overrides=[
+            f"distill.temperature={settings['temperature']}", f"distill.seed={settings['seed']}",
+            f"data.distilled_dir={out / 'distilled' / keys[stage]}"])
+        result = generate_responses(pass_config, target=target, processor=processor, records=train_records)
+        reused[stage] = result.generated == 0
+        answer_sets.append(load_distilled_records(pass_config.data.distilled_dir, world_dir, num_workers=0)[0])
+    distilled = concatenate_datasets(answer_sets)
     timed("distill", start)
 
     _stage("phase 2: projector + LM on the target's answers")
@@ -243,6 +284,7 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
     # ---- end --compress ----
 
     report = _report(results, world_models, size, timings, time.perf_counter() - started, quick)
+    report["seeds"] = {"train": seed, "heldout": heldout_seed}
     report["stages"] = {stage: {"key": keys[stage], "reused": reused.get(stage, False)} for stage in keys}
     if compression is not None:
         report["compression"] = compression
@@ -276,6 +318,9 @@ def _report(results: dict[str, dict[str, EvalSummary]], world_models: Any, size:
         "world_models": {"recipe_hash": world_models.recipe.hash(), "metrics": world_models.metrics},
         "results": {name: {temp: asdict(summary) for temp, summary in by_temp.items()} for name, by_temp in results.items()},
         "mal_ratio_massv_vs_text_only_greedy": greedy_mal["massv"] / greedy_mal["text_only"] if greedy_mal["text_only"] else None,
+        "mal_ratio_massv_vs_text_only": {
+            temp: results["massv"][temp].mean_accepted_length / results["text_only"][temp].mean_accepted_length
+            for temp in results["text_only"] if results["text_only"][temp].mean_accepted_length},
         "lossless": {"checked": checked, "mismatches": mismatches},
         "stage_seconds": timings,
         "total_seconds": round(total_seconds, 1),
@@ -301,10 +346,9 @@ def _markdown(report: dict[str, Any]) -> str:
                 f"{summary['mean_accepted_drafts']:.2f} | {100 * summary['acceptance_rate']:.1f}% | "
                 f"{summary['speedup']:.2f}x | {lossless} |"
             )
-    ratio = report["mal_ratio_massv_vs_text_only_greedy"]
+    lines += [""] + [f"MAL(full MASSV) / MAL(text-only drafter), T = {temp[2:]}: **{ratio:.3f}x**"
+                     for temp, ratio in report["mal_ratio_massv_vs_text_only"].items()]
     lines += [
-        "",
-        f"MAL(full MASSV) / MAL(text-only drafter), greedy: **{ratio:.3f}x**" if ratio else "",
         f"Greedy outputs identical to the target's own: {report['lossless']['checked'] - report['lossless']['mismatches']}"
         f"/{report['lossless']['checked']}.",
         "",
@@ -359,12 +403,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-scratch", action="store_true", help="retrain the world target and text LM too")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     add_override_argument(parser, "phase2.learning_rate=5e-4")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="world seed of the training splits")
+    parser.add_argument("--heldout-seed", type=int, default=None,
+                        help="world seed of the held-out split (default: --seed + 1; 2 is the validation world)")
+    parser.add_argument("--sampled-answers", type=int, default=None,
+                        help="sampled target answers per training prompt next to the greedy one (default: the size's)")
     parser.add_argument("--compress", action="store_true",
                         help="also the compression study: MAL vs MACs of pruned / sparse drafters (massv.compress.study)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = args.out / "quick" if args.quick and args.out == Path("runs/demo") else args.out
     report = run_demo(out, quick=args.quick, from_scratch=args.from_scratch, config_path=args.config,
-                      overrides=args.override, seed=args.seed, compress=args.compress)
+                      overrides=args.override, seed=args.seed, compress=args.compress,
+                      heldout_seed=args.heldout_seed, sampled_answers=args.sampled_answers)
     return 1 if report["lossless"]["mismatches"] else 0
