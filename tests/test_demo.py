@@ -9,8 +9,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from massv.demo import DRAFTERS, main
-from massv.world_models import ASSETS_DIR, WorldRecipe, stored_recipe_hash
+from massv.pipelines.demo import DRAFTERS, main
+from massv.pipelines.world_models import ASSETS_DIR, WorldRecipe, stored_recipe_hash
 
 
 def test_shipped_world_models_match_the_default_recipe():
@@ -68,10 +68,10 @@ def test_quick_demo_end_to_end_and_reuses_only_unchanged_stages(tmp_path, capsys
 
 
 def test_stage_keys_change_for_a_stage_and_the_stages_that_read_it():
-    from massv.demo import DEFAULT_CONFIG, SIZES, _demo_config, stage_keys
+    from massv.pipelines.demo import DEFAULT_CONFIG, SIZES, demo_config, stage_keys
 
     def keys(*overrides):
-        config = _demo_config(DEFAULT_CONFIG, Path("/tmp/out"), SIZES["quick"], list(overrides))
+        config = demo_config(DEFAULT_CONFIG, Path("/tmp/out"), SIZES["quick"], list(overrides))
         return stage_keys(config, "world-hash", SIZES["quick"], seed=0)
 
     base = keys()
@@ -87,5 +87,5 @@ def test_stage_keys_change_for_a_stage_and_the_stages_that_read_it():
         assert {stage for stage in base if new[stage] != base[stage]} == stages, override
     # Where the outputs go is not what they are: other output paths keep every key.
     assert keys("phase1.output_dir=/elsewhere", "data.distilled_dir=/x") == base
-    other_world = stage_keys(_demo_config(DEFAULT_CONFIG, Path("/tmp/out"), SIZES["quick"], []), "other", SIZES["quick"], 0)
+    other_world = stage_keys(demo_config(DEFAULT_CONFIG, Path("/tmp/out"), SIZES["quick"], []), "other", SIZES["quick"], 0)
     assert all(other_world[stage] != base[stage] for stage in base)

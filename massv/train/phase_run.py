@@ -18,14 +18,13 @@ from datasets import Dataset
 from torch import nn
 from transformers import ProcessorMixin
 
-from massv.config import RunConfig, TrainingConfig, save_resolved_config
+from massv.config import RunConfig, TrainingConfig, final_dir, save_resolved_config
 from massv.drafter import MultimodalDrafter
+from massv.loading import storage_dtype
 from massv.train.builders import (
     build_train_dataset,
-    final_dir,
     keep_trainable_in_fp32,
     move_vision_to,
-    storage_dtype,
 )
 from massv.train.loop import TrainResult, train_loop
 from massv.train.preprocess import prepared_records

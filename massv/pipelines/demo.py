@@ -25,13 +25,14 @@ from typing import Any
 
 import torch
 
-from massv.config import RunConfig, load_config
+from massv.config import RunConfig, final_dir, load_config
 from massv.drafter import MultimodalDrafter
 from massv.evaluate import EvalSettings, EvalSummary, evaluate_samples
+from massv.pipelines.stages import train_or_load
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 DRAFTERS = {
     "text_only": "(a) text-only drafter",
     "text_only_tuned": "(b) text-only drafter tuned on target answers",
@@ -59,7 +60,7 @@ PATH_KEYS = ("pretrain_json", "pretrain_image_root", "instruct_json", "instruct_
              "output_dir")
 
 
-def _demo_config(config_path: Path, out: Path, size: dict[str, int], overrides: list[str]) -> RunConfig:
+def demo_config(config_path: Path, out: Path, size: dict[str, int], overrides: list[str]) -> RunConfig:
     """The demo's YAML with data paths moved under `out` and the size's step counts (stage directories: see
     `_keyed_config`)."""
     world = out / "world"
@@ -128,10 +129,6 @@ def _stage(name: str) -> None:
     logger.info("==== %s ====", name)
 
 
-def _final(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "final"
-
-
 def _text_only_records(records: Any) -> Any:
     """The distilled answers without their images: what a text-only drafter can be tuned on."""
     from massv.train.data import strip_image_placeholder
@@ -141,29 +138,6 @@ def _text_only_records(records: Any) -> Any:
         return {"image_path": None, "conversations": conversations}
 
     return records.map(strip)
-
-
-def _train_or_load(config: RunConfig, phase: int, target: Any, drafter: MultimodalDrafter, processor: Any,
-                   records: Any, reused: dict[str, bool] | None = None, stage: str | None = None) -> MultimodalDrafter:
-    """Run a phase unless its final drafter exists (then load it: a second demo run reuses the stage).
-
-    The caller keys `output_dir` by the stage's config (`stage_keys`), so an existing final drafter is one
-    trained with this very config. `reused[stage]` records which of the two happened.
-    """
-    from massv.train import train_phase
-    from massv.train.phase_run import phase_config
-
-    output_dir = phase_config(config, phase).output_dir
-    found = (_final(output_dir) / "massv_drafter.json").is_file()
-    if reused is not None and stage is not None:
-        reused[stage] = found
-    if found:
-        logger.info("reusing %s (trained with this stage's config)", _final(output_dir))
-        return MultimodalDrafter.from_pretrained(_final(output_dir), target=target)
-    # "auto": continue an interrupted run of this very stage, else start it
-    result = train_phase(config, phase, resume="auto", target=target, drafter=drafter, processor=processor,
-                         dataset=records)
-    return result.drafter
 
 
 def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_path: Path = DEFAULT_CONFIG,
@@ -176,15 +150,15 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
     validation world (2), the report shows another (1). `sampled_answers` overrides the size's count.
 
     `recipe` (a `WorldRecipe`) picks other world models than the shipped ones. `compress` adds the
-    compression study (massv.compress.study) under `out/compression`.
+    compression study (massv.pipelines.compression_study) under `out/compression`.
     """
     from datasets import concatenate_datasets
 
     from massv.benchmarks import load_benchmark
+    from massv.pipelines.world import write_world
+    from massv.pipelines.world_models import load_world_models
     from massv.train.distill import generate_responses, load_distilled_records
     from massv.train.llava_data import load_llava_records
-    from massv.world import write_world
-    from massv.world_models import load_world_models
 
     started = time.perf_counter()
     size = dict(SIZES["quick" if quick else "full"])
@@ -192,7 +166,7 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
         size["sampled_answers"] = sampled_answers
     heldout_seed = seed + 1 if heldout_seed is None else heldout_seed
     out.mkdir(parents=True, exist_ok=True)
-    config = _demo_config(config_path, out, size, overrides or [])  # config errors before any model loads
+    config = demo_config(config_path, out, size, overrides or [])  # config errors before any model loads
     timings: dict[str, float] = {}
     reused: dict[str, bool] = {}
 
@@ -223,7 +197,7 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
     start = time.perf_counter()
     pretrain_records, _ = load_llava_records(world_dir / "pretrain.jsonl", world_dir)
     fresh = MultimodalDrafter.from_target(target, copy.deepcopy(text_lm), len(world_models.tokenizer))
-    phase1_drafter = _train_or_load(config, 1, target, fresh, processor, pretrain_records, reused, "phase1")
+    phase1_drafter = train_or_load(config, 1, target, fresh, processor, pretrain_records, reused, "phase1")
     timed("phase1", start)
 
     _stage("self-distillation: the target answers the training prompts (greedy, then sampled)")
@@ -243,8 +217,8 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
 
     _stage("phase 2: projector + LM on the target's answers")
     start = time.perf_counter()
-    phase2_start = MultimodalDrafter.from_pretrained(_final(config.phase1.output_dir), target=target)
-    massv_drafter = _train_or_load(config, 2, target, phase2_start, processor, distilled, reused, "phase2")
+    phase2_start = MultimodalDrafter.from_pretrained(final_dir(config.phase1.output_dir), target=target)
+    massv_drafter = train_or_load(config, 2, target, phase2_start, processor, distilled, reused, "phase2")
     timed("phase2", start)
 
     _stage("baseline (b): the text-only drafter tuned on the target's answers")
@@ -252,7 +226,7 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
     text_config = load_config(config.to_dict(), overrides=[
         f"phase2.output_dir={out / 'phase2_text_only' / keys['text_only_tuned']}"])
     text_start = MultimodalDrafter.from_target(target, copy.deepcopy(text_lm), len(world_models.tokenizer))
-    tuned_text_lm = _train_or_load(text_config, 2, target, text_start, processor, _text_only_records(distilled),
+    tuned_text_lm = train_or_load(text_config, 2, target, text_start, processor, _text_only_records(distilled),
                                    reused, "text_only_tuned").language_model
     timed("text_only_tuned", start)
 
@@ -274,7 +248,7 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
     # ---- --compress: MAL vs MACs of a deeper MASSV drafter, pruned / sparse, with and without recovery ----
     compression = None
     if compress:
-        from massv.compress.study import run_compression_study
+        from massv.pipelines.compression_study import run_compression_study
 
         _stage("compression study: dense / layer-pruned / sparse drafters, with and without recovery")
         start = time.perf_counter()
@@ -288,14 +262,15 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
     report["stages"] = {stage: {"key": keys[stage], "reused": reused.get(stage, False)} for stage in keys}
     if compression is not None:
         report["compression"] = compression
-    _record_in_model_card(_final(config.phase2.output_dir), results)
+    _record_in_model_card(final_dir(config.phase2.output_dir), results)
     _write_report(out, report)
     return report
 
 
 def _record_in_model_card(drafter_dir: Path, results: dict[str, dict[str, EvalSummary]]) -> None:
     """Full MASSV's MAL at both temperatures, in its drafter's model card."""
-    from massv.model_card import evaluation_entry, record_evaluation
+    from massv.drafter import record_evaluation
+    from massv.model_card import evaluation_entry
 
     for summary in results["massv"].values():
         record_evaluation(drafter_dir, evaluation_entry("world (held-out)", asdict(summary)))
@@ -409,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampled-answers", type=int, default=None,
                         help="sampled target answers per training prompt next to the greedy one (default: the size's)")
     parser.add_argument("--compress", action="store_true",
-                        help="also the compression study: MAL vs MACs of pruned / sparse drafters (massv.compress.study)")
+                        help="also the compression study: MAL vs MACs of pruned / sparse drafters (massv.pipelines.compression_study)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = args.out / "quick" if args.quick and args.out == Path("runs/demo") else args.out
