@@ -57,6 +57,11 @@ def test_eval_errors_name_what_and_where_before_any_model_loads(capsys, tmp_path
     line = one_line_error(capsys, ["eval", "--target", "/nonexistent", "--drafter", str(WORLD / "text_lm"), *common])
     assert line == "massv eval: error: --target /nonexistent: no such directory, and not a Hub id (owner/name)"
 
+    # The world is a benchmark like any other: written by `massv world` (a pipeline), read from --data-root.
+    line = one_line_error(capsys, ["eval", "--target", str(WORLD / "target"), "--drafter", str(WORLD / "text_lm"),
+                                   "--benchmark", "world", "--out", str(tmp_path / "out_world")])
+    assert line.startswith("massv eval: error: --benchmark world needs --data-root DIR") and "massv world --out" in line
+
     checkpoint = tmp_path / "phase1" / "checkpoint-5"
     checkpoint.mkdir(parents=True)
     (checkpoint / "train_state.json").write_text("{}")

@@ -46,6 +46,24 @@ def test_quick_demo_end_to_end_and_reuses_only_unchanged_stages(tmp_path, capsys
     assert (out / "report.md").read_text().startswith("# MASSV demo report")
     assert (out / "report.png").stat().st_size > 10_000
     assert not any(stage["reused"] for stage in report["stages"].values())
+    # Phase 2 trains on the target's greedy answers *and* on as many sampled ones (T = 1, their own seed).
+    sizes = report["sizes"]
+    assert sizes["sampled_answers"] == 1 and report["seeds"] == {"train": 0, "heldout": 1}
+    manifests = {stage: json.loads((out / "distilled" / report["stages"][stage]["key"] / "manifest.json").read_text())
+                 for stage in ("distill", "distill_sampled_1")}
+    assert manifests["distill"]["generation"]["temperature"] == 0.0
+    assert manifests["distill_sampled_1"]["generation"]["temperature"] == 1.0
+    assert manifests["distill"]["seed"] != manifests["distill_sampled_1"]["seed"]
+    greedy_answers, sampled_answers = ([json.loads(line)["conversations"][1]["value"]
+                                        for shard in sorted((out / "distilled" / report["stages"][stage]["key"]).glob("shard-*.jsonl"))
+                                        for line in shard.read_text().splitlines()] for stage in manifests)
+    assert len(greedy_answers) == len(sampled_answers) == sizes["train"] and greedy_answers != sampled_answers
+    prepared = next((out / "phase2" / report["stages"]["phase2"]["key"] / "preprocessed").glob("*/preprocess.json"))
+    assert json.loads(prepared.read_text())["num_records"] == 2 * sizes["train"]
+    ratios = report["mal_ratio_massv_vs_text_only"]
+    for temperature in ("T=0", "T=1"):
+        assert ratios[temperature] == pytest.approx(report["results"]["massv"][temperature]["mean_accepted_length"]
+                                                    / report["results"]["text_only"][temperature]["mean_accepted_length"])
     card = (out / "phase2" / report["stages"]["phase2"]["key"] / "final" / "README.md").read_text()
     greedy_mal = report["results"]["massv"]["T=0"]["mean_accepted_length"]
     assert f"| world (held-out) | 5 | 0 | 24 | 3 | {greedy_mal:.2f} |" in card  # the drafter's model card has its MAL
@@ -59,7 +77,7 @@ def test_quick_demo_end_to_end_and_reuses_only_unchanged_stages(tmp_path, capsys
     assert main(["--quick", "--out", str(out), "--override", "phase2.learning_rate=5e-4"]) == 0
     second = json.loads((out / "report.json").read_text())
     assert {stage: value["reused"] for stage, value in second["stages"].items()} == {
-        "phase1": True, "distill": True, "phase2": False, "text_only_tuned": False}
+        "phase1": True, "distill": True, "distill_sampled_1": True, "phase2": False, "text_only_tuned": False}
     assert second["stages"]["phase1"]["key"] == report["stages"]["phase1"]["key"]
     assert second["stages"]["phase2"]["key"] != report["stages"]["phase2"]["key"]
     resolved = yaml.safe_load((out / "phase2" / second["stages"]["phase2"]["key"] / "resolved_config.yaml").read_text())
@@ -77,10 +95,12 @@ def test_stage_keys_change_for_a_stage_and_the_stages_that_read_it():
     base = keys()
     changed = {
         "phase1.learning_rate=1e-3": {"phase1", "phase2"},
-        "distill.temperature=1.0": {"distill", "phase2", "text_only_tuned"},
+        "distill.temperature=1.0": {"distill", "phase2", "text_only_tuned"},  # the sampled pass is at 1.0 anyway
+        "distill.max_new_tokens=10": {"distill", "distill_sampled_1", "phase2", "text_only_tuned"},
+        "distill.seed=5": {"distill", "distill_sampled_1", "phase2", "text_only_tuned"},
         "phase2.learning_rate=5e-4": {"phase2", "text_only_tuned"},
         "model.projector_layers=3": {"phase1", "phase2", "text_only_tuned"},  # the target's answers stay valid
-        "model.torch_dtype=bfloat16": {"phase1", "distill", "phase2", "text_only_tuned"},
+        "model.torch_dtype=bfloat16": {"phase1", "distill", "distill_sampled_1", "phase2", "text_only_tuned"},
     }
     for override, stages in changed.items():
         new = keys(override)
@@ -89,3 +109,21 @@ def test_stage_keys_change_for_a_stage_and_the_stages_that_read_it():
     assert keys("phase1.output_dir=/elsewhere", "data.distilled_dir=/x") == base
     other_world = stage_keys(demo_config(DEFAULT_CONFIG, Path("/tmp/out"), SIZES["quick"], []), "other", SIZES["quick"], 0)
     assert all(other_world[stage] != base[stage] for stage in base)
+
+
+def test_sampled_answer_passes_are_stages_of_their_own():
+    from massv.pipelines.demo import DEFAULT_CONFIG, SAMPLED_TEMPERATURE, SIZES, answer_passes, demo_config, stage_keys
+
+    config = demo_config(DEFAULT_CONFIG, Path("/tmp/out"), SIZES["quick"], [])
+    greedy_only = {**SIZES["quick"], "sampled_answers": 0}
+    two = {**SIZES["quick"], "sampled_answers": 2}
+    passes = answer_passes(config, two)
+    assert [settings["temperature"] for settings in passes] == [0.0, SAMPLED_TEMPERATURE, SAMPLED_TEMPERATURE]
+    assert len({settings["seed"] for settings in passes}) == 3  # two sampled passes are two different samples
+    keys = {count: stage_keys(config, "world-hash", size, seed=0)
+            for count, size in ((0, greedy_only), (1, SIZES["quick"]), (2, two))}
+    assert set(keys[0]) == {"phase1", "distill", "phase2", "text_only_tuned"}
+    assert set(keys[2]) - set(keys[0]) == {"distill_sampled_1", "distill_sampled_2"}
+    assert keys[0]["distill"] == keys[1]["distill"] == keys[2]["distill"]  # the greedy answers are shared
+    assert keys[1]["distill_sampled_1"] == keys[2]["distill_sampled_1"]
+    assert len({keys[count]["phase2"] for count in keys}) == 3  # what phase 2 reads differs, so does its key

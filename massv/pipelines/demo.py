@@ -329,7 +329,21 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in report["stage_seconds"].items()),
     ]
+    lines += _world_target_table(report["world_models"])
     return "\n".join(lines) + "\n"
+
+
+def _world_target_table(world_models: dict[str, Any]) -> list[str]:
+    """The world target's held-out exact match per task, next to the blind text LM's: how much of each answer
+    only the image carries (measured on the saved weights when they were trained; massv/assets/world)."""
+    heldout = (world_models.get("metrics") or {}).get("heldout")
+    if not heldout:
+        return []
+    lines = ["", f"World models {world_models['recipe_hash']}: held-out exact match by task (greedy)", "",
+             "| task | n | target | text-only LM |", "|---|---|---|---|"]
+    for task, row in heldout["target"].items():
+        lines.append(f"| {task} | {row['n']} | {100 * row['exact']:.1f}% | {100 * heldout['text_lm'][task]['exact']:.1f}% |")
+    return lines
 
 
 def _plot(out: Path, report: dict[str, Any]) -> None:

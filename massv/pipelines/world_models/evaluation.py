@@ -19,12 +19,8 @@ from transformers import (
 
 from massv.families import get_adapter
 from massv.pipelines import world
+from massv.pipelines.world_models.data import chat_prompt, record_answer, record_question
 from massv.pipelines.world_models.grading import heldout_records, score_answers
-from massv.pipelines.world_models.models import (
-    chat_prompt,
-    record_answer,
-    record_question,
-)
 from massv.pipelines.world_models.recipe import WorldModels
 
 logger = logging.getLogger(__name__)

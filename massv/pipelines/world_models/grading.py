@@ -13,7 +13,7 @@ from typing import Any
 from PIL import Image
 
 from massv.pipelines import world
-from massv.pipelines.world_models.models import record_answer, record_question
+from massv.pipelines.world_models.data import record_answer, record_question
 
 logger = logging.getLogger(__name__)
 
