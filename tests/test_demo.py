@@ -46,7 +46,8 @@ def test_quick_demo_end_to_end_and_reuses_only_unchanged_stages(tmp_path, capsys
     assert (out / "report.md").read_text().startswith("# MASSV demo report")
     assert (out / "report.png").stat().st_size > 10_000
     assert not any(stage["reused"] for stage in report["stages"].values())
-    # Phase 2 trains on the target's greedy answers *and* on as many sampled ones (T = 1, their own seed).
+    # One drafter per temperature: phase 2 on the target's greedy answers (T = 0), and a drafter on as many
+    # answers it sampled at T = 1 with their own seed (T = 1).
     sizes = report["sizes"]
     assert sizes["sampled_answers"] == 1 and report["seeds"] == {"train": 0, "heldout": 1}
     manifests = {stage: json.loads((out / "distilled" / report["stages"][stage]["key"] / "manifest.json").read_text())
@@ -58,8 +59,13 @@ def test_quick_demo_end_to_end_and_reuses_only_unchanged_stages(tmp_path, capsys
                                         for shard in sorted((out / "distilled" / report["stages"][stage]["key"]).glob("shard-*.jsonl"))
                                         for line in shard.read_text().splitlines()] for stage in manifests)
     assert len(greedy_answers) == len(sampled_answers) == sizes["train"] and greedy_answers != sampled_answers
-    prepared = next((out / "phase2" / report["stages"]["phase2"]["key"] / "preprocessed").glob("*/preprocess.json"))
-    assert json.loads(prepared.read_text())["num_records"] == 2 * sizes["train"]
+    for stage, directory in (("phase2", "phase2"), ("phase2_sampled", "phase2_sampled")):
+        prepared = next((out / directory / report["stages"][stage]["key"] / "preprocessed").glob("*/preprocess.json"))
+        assert json.loads(prepared.read_text())["num_records"] == sizes["train"]
+    assert set(report["massv_drafters"]) == {"T=0", "T=1"} and "sampled at T = 1" in report["massv_drafters"]["T=1"]
+    sampled_card = (out / "phase2_sampled" / report["stages"]["phase2_sampled"]["key"] / "final" / "README.md").read_text()
+    sampled_mal = report["results"]["massv"]["T=1"]["mean_accepted_length"]
+    assert f"| world (held-out) | 5 | 1 | 24 | 3 | {sampled_mal:.2f} |" in sampled_card
     ratios = report["mal_ratio_massv_vs_text_only"]
     for temperature in ("T=0", "T=1"):
         assert ratios[temperature] == pytest.approx(report["results"]["massv"][temperature]["mean_accepted_length"]
@@ -77,7 +83,8 @@ def test_quick_demo_end_to_end_and_reuses_only_unchanged_stages(tmp_path, capsys
     assert main(["--quick", "--out", str(out), "--override", "phase2.learning_rate=5e-4"]) == 0
     second = json.loads((out / "report.json").read_text())
     assert {stage: value["reused"] for stage, value in second["stages"].items()} == {
-        "phase1": True, "distill": True, "distill_sampled_1": True, "phase2": False, "text_only_tuned": False}
+        "phase1": True, "distill": True, "distill_sampled_1": True, "phase2": False, "text_only_tuned": False,
+        "phase2_sampled": False}  # it reads the phase2 section too
     assert second["stages"]["phase1"]["key"] == report["stages"]["phase1"]["key"]
     assert second["stages"]["phase2"]["key"] != report["stages"]["phase2"]["key"]
     resolved = yaml.safe_load((out / "phase2" / second["stages"]["phase2"]["key"] / "resolved_config.yaml").read_text())
@@ -94,13 +101,14 @@ def test_stage_keys_change_for_a_stage_and_the_stages_that_read_it():
 
     base = keys()
     changed = {
-        "phase1.learning_rate=1e-3": {"phase1", "phase2"},
+        "phase1.learning_rate=1e-3": {"phase1", "phase2", "phase2_sampled"},
         "distill.temperature=1.0": {"distill", "phase2", "text_only_tuned"},  # the sampled pass is at 1.0 anyway
-        "distill.max_new_tokens=10": {"distill", "distill_sampled_1", "phase2", "text_only_tuned"},
-        "distill.seed=5": {"distill", "distill_sampled_1", "phase2", "text_only_tuned"},
-        "phase2.learning_rate=5e-4": {"phase2", "text_only_tuned"},
-        "model.projector_layers=3": {"phase1", "phase2", "text_only_tuned"},  # the target's answers stay valid
-        "model.torch_dtype=bfloat16": {"phase1", "distill", "distill_sampled_1", "phase2", "text_only_tuned"},
+        "distill.max_new_tokens=10": {"distill", "distill_sampled_1", "phase2", "text_only_tuned", "phase2_sampled"},
+        "distill.seed=5": {"distill", "distill_sampled_1", "phase2", "text_only_tuned", "phase2_sampled"},
+        "phase2.learning_rate=5e-4": {"phase2", "text_only_tuned", "phase2_sampled"},
+        "model.projector_layers=3": {"phase1", "phase2", "text_only_tuned", "phase2_sampled"},  # answers stay valid
+        "model.torch_dtype=bfloat16": {"phase1", "distill", "distill_sampled_1", "phase2", "text_only_tuned",
+                                       "phase2_sampled"},
     }
     for override, stages in changed.items():
         new = keys(override)
@@ -122,8 +130,12 @@ def test_sampled_answer_passes_are_stages_of_their_own():
     assert len({settings["seed"] for settings in passes}) == 3  # two sampled passes are two different samples
     keys = {count: stage_keys(config, "world-hash", size, seed=0)
             for count, size in ((0, greedy_only), (1, SIZES["quick"]), (2, two))}
-    assert set(keys[0]) == {"phase1", "distill", "phase2", "text_only_tuned"}
-    assert set(keys[2]) - set(keys[0]) == {"distill_sampled_1", "distill_sampled_2"}
-    assert keys[0]["distill"] == keys[1]["distill"] == keys[2]["distill"]  # the greedy answers are shared
+    assert set(keys[0]) == {"phase1", "distill", "phase2", "text_only_tuned"}  # one drafter for both temperatures
+    assert set(keys[2]) - set(keys[0]) == {"distill_sampled_1", "distill_sampled_2", "phase2_sampled"}
+    for stage in ("distill", "phase2", "text_only_tuned"):  # the greedy side is the same whatever is sampled
+        assert keys[0][stage] == keys[1][stage] == keys[2][stage]
     assert keys[1]["distill_sampled_1"] == keys[2]["distill_sampled_1"]
-    assert len({keys[count]["phase2"] for count in keys}) == 3  # what phase 2 reads differs, so does its key
+    assert keys[1]["phase2_sampled"] != keys[2]["phase2_sampled"]  # it reads one more set of answers
+    longer = stage_keys(config, "world-hash", {**SIZES["quick"], "sampled_steps": 20}, seed=0)
+    from_greedy = stage_keys(config, "world-hash", {**SIZES["quick"], "sampled_start": "phase2"}, seed=0)
+    assert len({keys[1]["phase2_sampled"], longer["phase2_sampled"], from_greedy["phase2_sampled"]}) == 3

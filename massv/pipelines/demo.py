@@ -43,14 +43,18 @@ DRAFTERS = {
 # Phase 2 runs long on few prompts: on the shipped world, 400 -> 1000 steps raised full MASSV's greedy MAL from
 # 3.81 to 4.26 while the text-only drafter tuned the same way stayed at 3.44-3.49 (the image is what it learns).
 # 1500 steps added nothing greedy (4.29) and overfit: sampled (T=1) MAL fell from 3.28 to 2.92.
-# `sampled_answers`: how many extra answers per training prompt the target samples at SAMPLED_TEMPERATURE, next
-# to its greedy one; phase 2 (and baseline (b)) train on all of them, so the drafter meets both the target's
-# greedy phrasing and the spread it samples from (chosen on the seed-2 validation world: eval/results).
+# One drafter per serving temperature. Greedy decoding is served by the drafter distilled on the target's greedy
+# answers; sampling (T = 1) by one distilled on `sampled_answers` answers per prompt that the target *sampled*
+# at SAMPLED_TEMPERATURE: a drafter trained on greedy answers is sharpened towards one phrasing and loses to the
+# text-only drafter at T = 1, while sampled answers teach it the spread the sampling target draws from.
+# `sampled_steps` phase-2 steps, starting from `sampled_start` ("phase1": the phase-1 drafter; "phase2": the
+# greedy-distilled one). `sampled_answers: 0` serves both temperatures with the greedy-distilled drafter.
+# Chosen on the seed-2 validation world (`massv demo --heldout-seed 2`; eval/results/demo_validation.md).
 SIZES = {
     "full": {"pretrain": 2400, "train": 1200, "heldout": 40, "phase1_steps": 300, "phase2_steps": 1000,
-             "max_new_tokens": 96, "sampled_answers": 1},
+             "max_new_tokens": 96, "sampled_answers": 1, "sampled_steps": 1000, "sampled_start": "phase1"},
     "quick": {"pretrain": 64, "train": 32, "heldout": 3, "phase1_steps": 10, "phase2_steps": 10,
-              "max_new_tokens": 24, "sampled_answers": 1},
+              "max_new_tokens": 24, "sampled_answers": 1, "sampled_steps": 10, "sampled_start": "phase1"},
 }
 SAMPLED_TEMPERATURE = 1.0
 
@@ -109,12 +113,17 @@ def stage_keys(config: RunConfig, world_hash: str, size: dict[str, int], seed: i
     distill = {distill_stage(index): _hash({**base, "model": target_only, "stage": "distill", "train": size["train"],
                                             "distill": settings})
                for index, settings in enumerate(answer_passes(config, size))}
-    answers = distill["distill"] if len(distill) == 1 else sorted(distill.values())
-    phase2 = _hash({**base, "stage": "phase2", "phase1": phase1, "distill": answers,
+    phase2 = _hash({**base, "stage": "phase2", "phase1": phase1, "distill": distill["distill"],
                     "phase2": _without_paths(raw["phase2"])})
-    text_only_tuned = _hash({**base, "stage": "text_only_tuned", "distill": answers,
+    text_only_tuned = _hash({**base, "stage": "text_only_tuned", "distill": distill["distill"],
                              "phase2": _without_paths(raw["phase2"])})
-    return {"phase1": phase1, **distill, "phase2": phase2, "text_only_tuned": text_only_tuned}
+    keys = {"phase1": phase1, **distill, "phase2": phase2, "text_only_tuned": text_only_tuned}
+    sampled = sorted(key for stage, key in distill.items() if stage != "distill")
+    if sampled:
+        start = {"phase1": phase1, "phase2": phase2}[size["sampled_start"]]
+        keys["phase2_sampled"] = _hash({**base, "stage": "phase2_sampled", "start": start, "distill": sampled,
+                                        "steps": size["sampled_steps"], "phase2": _without_paths(raw["phase2"])})
+    return keys
 
 
 def _keyed_config(config: RunConfig, out: Path, keys: dict[str, str]) -> RunConfig:
@@ -143,11 +152,13 @@ def _text_only_records(records: Any) -> Any:
 def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_path: Path = DEFAULT_CONFIG,
              overrides: list[str] | None = None, seed: int = 0, recipe: Any = None,
              compress: bool = False, heldout_seed: int | None = None,
-             sampled_answers: int | None = None) -> dict[str, Any]:
+             sampled_answers: int | None = None, sampled_steps: int | None = None,
+             sampled_start: str | None = None) -> dict[str, Any]:
     """Run every stage (reusing finished ones) and write report.json / report.md / report.png under `out`.
 
     `heldout_seed` (default `seed + 1`) picks the world the drafters are evaluated on: choices are made on a
-    validation world (2), the report shows another (1). `sampled_answers` overrides the size's count.
+    validation world (2), the report shows another (1). `sampled_answers` / `sampled_steps` / `sampled_start`
+    override the size's recipe of the T = 1 drafter (see SIZES).
 
     `recipe` (a `WorldRecipe`) picks other world models than the shipped ones. `compress` adds the
     compression study (massv.pipelines.compression_study) under `out/compression`.
@@ -162,8 +173,10 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
 
     started = time.perf_counter()
     size = dict(SIZES["quick" if quick else "full"])
-    if sampled_answers is not None:
-        size["sampled_answers"] = sampled_answers
+    for name, value in (("sampled_answers", sampled_answers), ("sampled_steps", sampled_steps),
+                        ("sampled_start", sampled_start)):
+        if value is not None:
+            size[name] = value
     heldout_seed = seed + 1 if heldout_seed is None else heldout_seed
     out.mkdir(parents=True, exist_ok=True)
     config = demo_config(config_path, out, size, overrides or [])  # config errors before any model loads
@@ -212,14 +225,26 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
         result = generate_responses(pass_config, target=target, processor=processor, records=train_records)
         reused[stage] = result.generated == 0
         answer_sets.append(load_distilled_records(pass_config.data.distilled_dir, world_dir, num_workers=0)[0])
-    distilled = concatenate_datasets(answer_sets)
+    distilled, sampled_answers = answer_sets[0], answer_sets[1:]
     timed("distill", start)
 
-    _stage("phase 2: projector + LM on the target's answers")
+    _stage("phase 2: projector + LM on the target's greedy answers (the drafter for T = 0)")
     start = time.perf_counter()
     phase2_start = MultimodalDrafter.from_pretrained(final_dir(config.phase1.output_dir), target=target)
     massv_drafter = train_or_load(config, 2, target, phase2_start, processor, distilled, reused, "phase2")
     timed("phase2", start)
+    massv_by_temperature = {0.0: massv_drafter, 1.0: massv_drafter}
+    if sampled_answers:
+        _stage("phase 2 on the target's sampled answers (the drafter for T = 1)")
+        start = time.perf_counter()
+        sampled_config = load_config(config.to_dict(), overrides=[
+            f"phase2.output_dir={out / 'phase2_sampled' / keys['phase2_sampled']}",
+            f"phase2.max_steps={size['sampled_steps']}"])
+        start_dir = final_dir(config.phase1.output_dir if size["sampled_start"] == "phase1" else config.phase2.output_dir)
+        sampled_start = MultimodalDrafter.from_pretrained(start_dir, target=target)
+        massv_by_temperature[1.0] = train_or_load(sampled_config, 2, target, sampled_start, processor,
+                                                  concatenate_datasets(sampled_answers), reused, "phase2_sampled")
+        timed("phase2_sampled", start)
 
     _stage("baseline (b): the text-only drafter tuned on the target's answers")
     start = time.perf_counter()
@@ -233,10 +258,11 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
     _stage("evaluation on the held-out split")
     start = time.perf_counter()
     samples = load_benchmark("world", world_dir, split="heldout")
-    drafters = {"text_only": text_lm, "text_only_tuned": tuned_text_lm, "massv_phase1": phase1_drafter, "massv": massv_drafter}
     results: dict[str, dict[str, EvalSummary]] = {}
     baseline_cache: dict[tuple[Any, ...], tuple[list[int], float]] = {}
     for temperature in (0.0, 1.0):
+        drafters = {"text_only": text_lm, "text_only_tuned": tuned_text_lm, "massv_phase1": phase1_drafter,
+                    "massv": massv_by_temperature[temperature]}
         for name, drafter in drafters.items():
             settings = EvalSettings(num_draft_tokens=5, temperature=temperature, max_new_tokens=size["max_new_tokens"], seed=seed)
             summary, rows = evaluate_samples(target, drafter, processor, samples, settings,
@@ -259,20 +285,30 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
 
     report = _report(results, world_models, size, timings, time.perf_counter() - started, quick)
     report["seeds"] = {"train": seed, "heldout": heldout_seed}
+    report["massv_drafters"] = {
+        "T=0": "phase2: phase 1 + phase 2 on the target's greedy answers",
+        "T=1": (f"phase2_sampled: {size['sampled_start']} + {size['sampled_steps']} phase-2 steps on "
+                f"{size['sampled_answers']} answer(s) per prompt sampled at T = {SAMPLED_TEMPERATURE:g}")
+        if sampled_answers else "phase2 (the same drafter as at T = 0)"}
     report["stages"] = {stage: {"key": keys[stage], "reused": reused.get(stage, False)} for stage in keys}
     if compression is not None:
         report["compression"] = compression
-    _record_in_model_card(final_dir(config.phase2.output_dir), results)
+    _record_in_model_card(final_dir(config.phase2.output_dir), results, "T=0" if sampled_answers else None)
+    if sampled_answers:
+        _record_in_model_card(final_dir(out / "phase2_sampled" / keys["phase2_sampled"]), results, "T=1")
     _write_report(out, report)
     return report
 
 
-def _record_in_model_card(drafter_dir: Path, results: dict[str, dict[str, EvalSummary]]) -> None:
-    """Full MASSV's MAL at both temperatures, in its drafter's model card."""
+def _record_in_model_card(drafter_dir: Path, results: dict[str, dict[str, EvalSummary]],
+                          temperature: str | None = None) -> None:
+    """Full MASSV's MAL in its drafter's model card: at `temperature`, the one it serves, or at both (None)."""
     from massv.drafter import record_evaluation
     from massv.model_card import evaluation_entry
 
-    for summary in results["massv"].values():
+    for temp, summary in results["massv"].items():
+        if temperature is not None and temp != temperature:
+            continue
         record_evaluation(drafter_dir, evaluation_entry("world (held-out)", asdict(summary)))
 
 
@@ -323,7 +359,15 @@ def _markdown(report: dict[str, Any]) -> str:
             )
     lines += [""] + [f"MAL(full MASSV) / MAL(text-only drafter), T = {temp[2:]}: **{ratio:.3f}x**"
                      for temp, ratio in report["mal_ratio_massv_vs_text_only"].items()]
+    if "massv_drafters" in report:
+        lines += ["", "(d) full MASSV, one drafter per serving temperature: "
+                  + "; ".join(f"{temp.replace('=', ' = ')}: {what}" for temp, what in report["massv_drafters"].items()) + "."]
+    text_only = report["results"]["text_only"]
+    lines += ["", f"(a) text-only drafter, speedup over the target alone: T = 0 {text_only['T=0']['speedup']:.2f}x, "
+              f"T = 1 {text_only['T=1']['speedup']:.2f}x (T = 1 / T = 0: "
+              f"{text_only['T=1']['speedup'] / text_only['T=0']['speedup']:.2f})."]
     lines += [
+        "",
         f"Greedy outputs identical to the target's own: {report['lossless']['checked'] - report['lossless']['mismatches']}"
         f"/{report['lossless']['checked']}.",
         "",
@@ -396,7 +440,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout-seed", type=int, default=None,
                         help="world seed of the held-out split (default: --seed + 1; 2 is the validation world)")
     parser.add_argument("--sampled-answers", type=int, default=None,
-                        help="sampled target answers per training prompt next to the greedy one (default: the size's)")
+                        help="answers per training prompt the target samples for the T = 1 drafter; 0: one drafter "
+                        "(greedy-distilled) for both temperatures (default: the size's)")
+    parser.add_argument("--sampled-steps", type=int, default=None, help="phase-2 steps of the T = 1 drafter")
+    parser.add_argument("--sampled-start", choices=("phase1", "phase2"), default=None,
+                        help="the T = 1 drafter starts from the phase-1 drafter or the greedy-distilled one")
     parser.add_argument("--compress", action="store_true",
                         help="also the compression study: MAL vs MACs of pruned / sparse drafters (massv.pipelines.compression_study)")
     args = parser.parse_args(argv)
@@ -404,5 +452,6 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out / "quick" if args.quick and args.out == Path("runs/demo") else args.out
     report = run_demo(out, quick=args.quick, from_scratch=args.from_scratch, config_path=args.config,
                       overrides=args.override, seed=args.seed, compress=args.compress,
-                      heldout_seed=args.heldout_seed, sampled_answers=args.sampled_answers)
+                      heldout_seed=args.heldout_seed, sampled_answers=args.sampled_answers,
+                      sampled_steps=args.sampled_steps, sampled_start=args.sampled_start)
     return 1 if report["lossless"]["mismatches"] else 0

@@ -40,6 +40,7 @@ from massv.pipelines.world_models.evaluation import (
     measure_cost_ratio,
 )
 from massv.pipelines.world_models.grading import (
+    CONTENT_WORDS,
     asked_colour,
     content_words,
     heldout_records,
@@ -84,6 +85,7 @@ from massv.pipelines.world_models.training import (
     train_text_lm,
 )
 from massv.pipelines.world_models.vision import (
+    PARSE_FIELDS,
     SceneParser,
     SceneParserOutput,
     encode_vision_batch,
@@ -93,6 +95,8 @@ from massv.pipelines.world_models.vision import (
 )
 
 __all__ = [
+    "CONTENT_WORDS",
+    "PARSE_FIELDS",
     "ASSETS_DIR",
     "CACHE_ENV",
     "FORMAT_VERSION",
