@@ -125,7 +125,7 @@ def evaluate_samples(target: Any, drafter: Any, processor: Any, samples: list[Be
                      baseline_cache: dict[tuple[Any, ...], tuple[list[int], float]] | None = None, *,
                      skip_bad_images: bool = False, completed: dict[str, dict[str, Any]] | None = None,
                      on_row: Callable[[dict[str, Any]], None] | None = None,
-                     indices: list[int] | None = None) -> tuple[EvalSummary, list[dict[str, Any]]]:
+                     indices: list[int] | None = None, progress: bool = True) -> tuple[EvalSummary, list[dict[str, Any]]]:
     """Run target-alone and speculative generation on every sample; return the summary and per-sample rows.
 
     `baseline_cache` lets several drafters share one timed target run per sample and setting (the demo
@@ -133,12 +133,12 @@ def evaluate_samples(target: Any, drafter: Any, processor: Any, samples: list[Be
     run already measured: they are not run again. `on_row` receives each new row as soon as it is done (the
     CLI appends it to samples.jsonl). A sample whose image is missing or corrupt raises `BadImageError`, or,
     with `skip_bad_images`, becomes a `skipped` row that the summary counts. `indices` are the samples'
-    positions in the whole benchmark (shards), recorded in each row.
+    positions in the whole benchmark (shards), recorded in each row. `progress=False` hides the progress bar.
     """
     adapter = get_adapter(target.config)
     generator = SpeculativeGenerator(target, drafter, processor)
     rows: list[dict[str, Any]] = []
-    for position, sample in enumerate(tqdm(samples, desc=description, unit="sample")):
+    for position, sample in enumerate(tqdm(samples, desc=description, unit="sample", disable=not progress)):
         index = indices[position] if indices is not None else position
         if completed is not None and sample.sample_id in completed:
             rows.append(completed[sample.sample_id])

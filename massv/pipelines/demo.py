@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from massv.config import RunConfig, final_dir, load_config
 from massv.drafter import MultimodalDrafter
-from massv.evaluate import EvalSettings, EvalSummary, evaluate_samples
+from massv.evaluate import EvalSettings, EvalSummary, evaluate_samples, summarize
 from massv.pipelines.stages import train_or_load
 
 logger = logging.getLogger(__name__)
@@ -263,11 +264,17 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
     for temperature in (0.0, 1.0):
         drafters = {"text_only": text_lm, "text_only_tuned": tuned_text_lm, "massv_phase1": phase1_drafter,
                     "massv": massv_by_temperature[temperature]}
-        for name, drafter in drafters.items():
-            settings = EvalSettings(num_draft_tokens=5, temperature=temperature, max_new_tokens=size["max_new_tokens"], seed=seed)
-            summary, rows = evaluate_samples(target, drafter, processor, samples, settings,
-                                             description=f"{name} T={temperature:g}", baseline_cache=baseline_cache)
-            results.setdefault(name, {})[f"T={temperature:g}"] = summary
+        settings = EvalSettings(num_draft_tokens=5, temperature=temperature, max_new_tokens=size["max_new_tokens"], seed=seed)
+        rows_by_drafter: dict[str, list[dict[str, Any]]] = {name: [] for name in drafters}
+        # Sample by sample, every drafter right after the target's own (timed) run: on a shared CPU the load
+        # drifts within minutes, and a speedup compares two timings that should see the same load.
+        for index, sample in enumerate(tqdm(samples, desc=f"evaluation T={temperature:g}", unit="sample")):
+            for name, drafter in drafters.items():
+                _, rows = evaluate_samples(target, drafter, processor, [sample], settings, baseline_cache=baseline_cache,
+                                           indices=[index], progress=False)
+                rows_by_drafter[name] += rows
+        for name, rows in rows_by_drafter.items():
+            results.setdefault(name, {})[f"T={temperature:g}"] = summarize(rows, settings)
             _write_rows(out / "samples" / f"{name}_T{temperature:g}.jsonl", rows)
     timed("evaluation", start)
 
