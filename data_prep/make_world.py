@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from massv.world_cli import main
+from massv.pipelines.world_cli import main
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

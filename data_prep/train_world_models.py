@@ -1,7 +1,7 @@
 """Train the world models (tokenizer, Qwen2.5-VL target, text-only Qwen2 drafter LM) and write them to a directory.
 
 `python data_prep/train_world_models.py --out massv/assets/world` reproduces the shipped files. Any field of
-`massv.world_models.WorldRecipe` can be overridden, e.g. `--set target_steps=600 --set seed=1`.
+`massv.pipelines.world_models.WorldRecipe` can be overridden, e.g. `--set target_steps=600 --set seed=1`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from massv.world_models import WorldRecipe, train_world_models  # noqa: E402
+from massv.pipelines.world_models import WorldRecipe, train_world_models  # noqa: E402
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, object]:

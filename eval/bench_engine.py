@@ -125,7 +125,7 @@ def load_models(args: argparse.Namespace) -> Models:
 
 def _world_models(args: argparse.Namespace) -> Models:
     """The shipped world target and text-only LM; MASSV from `--massv-drafter` (e.g. the demo's phase 2)."""
-    from massv.world_models import load_world_models
+    from massv.pipelines.world_models import load_world_models
 
     world_models = load_world_models(progress=False)
     target, text_lm = world_models.target, world_models.text_lm
@@ -227,8 +227,8 @@ def build_inputs(models: Models, adapter: FamilyAdapter, args: argparse.Namespac
     cases = []
     for index in range(args.num_prompts):
         if models.image_size is not None:  # the world: a held-out question about its own scene
-            from massv.world import make_record, render_scene
-            from massv.world_models import record_question
+            from massv.pipelines.world import make_record, render_scene
+            from massv.pipelines.world_models import record_question
 
             record, scene = make_record("heldout", args.world_seed, index)
             image, prompt = render_scene(scene, models.image_size), record_question(record)

@@ -22,7 +22,7 @@ from massv.benchmarks import load_benchmark  # noqa: E402
 from massv.drafter import MultimodalDrafter  # noqa: E402
 from massv.evaluate import EvalSettings, evaluate_samples  # noqa: E402
 from massv.speculative import CrossTokenizerDrafter  # noqa: E402
-from massv.world_models import load_world_models  # noqa: E402
+from massv.pipelines.world_models import load_world_models  # noqa: E402
 
 
 def main(run_dir: Path, out_file: Path) -> int:

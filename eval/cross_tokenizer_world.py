@@ -46,8 +46,8 @@ from massv.train.data import DrafterDataset  # noqa: E402
 from massv.train.distill import generate_responses, load_distilled_records  # noqa: E402
 from massv.train.llava_data import load_llava_records  # noqa: E402
 from massv.train.retokenize import cross_tokenizer_drafter, train_cross_tokenizer_phase  # noqa: E402
-from massv.world import make_record, world_text_corpus, write_world  # noqa: E402
-from massv.world_models import chat_prompt, load_world_models, record_answer, record_question, world_end_of_turn  # noqa: E402
+from massv.pipelines.world import make_record, world_text_corpus, write_world  # noqa: E402
+from massv.pipelines.world_models import chat_prompt, load_world_models, record_answer, record_question, world_end_of_turn  # noqa: E402
 
 logger = logging.getLogger("cross_tokenizer_world")
 

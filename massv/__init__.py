@@ -1,6 +1,6 @@
 """MASSV: multimodal drafters for lossless speculative decoding of vision-language models.
 
-Public names are imported lazily, so `import massv.world` or `massv --help` does not pay for torch and
+Public names are imported lazily, so `import massv.pipelines.world` or `massv --help` does not pay for torch and
 transformers until a model is actually needed.
 """
 

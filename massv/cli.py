@@ -21,13 +21,13 @@ from typing import Any
 
 # command -> (module with main(argv), one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("massv.demo", "run the whole MASSV pipeline on the embedded synthetic world and write a report"),
+    "demo": ("massv.pipelines.demo", "run the whole MASSV pipeline on the embedded synthetic world and write a report"),
     "train": ("massv.train.__main__", "train a drafter: phase 1 (projector) or phase 2 (self-distilled tuning)"),
     "distill": ("massv.train.distill", "have the target VLM answer instruction prompts (self-distillation data)"),
     "eval": ("massv.evaluate", "measure speculative decoding (MAL, acceptance, speedup) on a benchmark"),
     "compress": ("massv.compress.recipe", "compress a drafter: angular-distance layer pruning or sparsity"),
     "export": ("massv.export", "turn a training checkpoint (checkpoint-N/) into a drafter directory"),
-    "world": ("massv.world_cli", "write the synthetic world's images and LLaVA-format JSONL splits"),
+    "world": ("massv.pipelines.world_cli", "write the synthetic world's images and LLaVA-format JSONL splits"),
 }
 DEBUG_FLAG = "--debug"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

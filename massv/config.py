@@ -273,7 +273,9 @@ class CompressConfig:
 class EvalConfig:
     """Speculative decoding benchmark settings."""
 
-    benchmark: str
+    benchmark: str  # a name (gqa, world, ...) or a path to a benchmark file / folder
+    data_root: str | None = None  # the folder holding the benchmark's files (--data-root)
+    split: str | None = None  # None: the benchmark's usual eval split
     num_draft_tokens: int = 5  # tokens the drafter proposes per target verification step
     temperature: float = 0.0
     max_new_tokens: int = 512
@@ -321,6 +323,15 @@ class RunConfig:
 
         text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
         return atomic_write_text(path, text)
+
+
+FINAL_DIR = "final"
+
+
+def final_dir(output_dir: str | os.PathLike[str]) -> Path:
+    """Where a phase writes its finished drafter (`MultimodalDrafter.save_pretrained` format): the
+    convention every command that reads a phase's result (eval, export, compress, phase 2) relies on."""
+    return Path(output_dir) / FINAL_DIR
 
 
 def save_resolved_config(config: RunConfig, output_dir: str | os.PathLike[str]) -> Path:

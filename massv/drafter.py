@@ -34,7 +34,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from massv.errors import DrafterMismatchError, InputError, MissingInputError
 from massv.families import VISION_FEATURE_CHOICES, FamilyAdapter, get_adapter
-from massv.io import atomic_directory, check_safetensors, load_safetensors, read_text
+from massv.io import atomic_directory, atomic_write_text, check_safetensors, load_safetensors, read_json, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -488,6 +488,18 @@ def check_target_fits(config: MultimodalDrafterConfig, target: PreTrainedModel, 
     if config.target_name_or_path and config.target_name_or_path != getattr(target, "name_or_path", None):
         logger.info("drafter %s was trained for %s; the target %s has the same sizes", where,
                     config.target_name_or_path, target_name)
+
+
+def record_evaluation(drafter_dir: str | os.PathLike[str], entry: dict[str, Any]) -> None:
+    """Add one MAL measurement to a saved drafter: its config and its model card are rewritten (atomically)."""
+    from massv.model_card import MODEL_CARD_NAME, merge_evaluation, render_model_card
+
+    drafter_dir = Path(drafter_dir)
+    config = MultimodalDrafterConfig.from_json(json.dumps(read_json(drafter_dir / CONFIG_NAME, "drafter config")))
+    config.evaluations = merge_evaluation(config.evaluations, entry)
+    atomic_write_text(drafter_dir / CONFIG_NAME, config.to_json())
+    atomic_write_text(drafter_dir / HF_CONFIG_NAME, json.dumps(hub_config(config), indent=2, sort_keys=True))
+    atomic_write_text(drafter_dir / MODEL_CARD_NAME, render_model_card(config))
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

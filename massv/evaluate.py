@@ -143,7 +143,7 @@ def evaluate_samples(target: Any, drafter: Any, processor: Any, samples: list[Be
                      baseline_cache: dict[tuple[Any, ...], tuple[list[int], float]] | None = None, *,
                      skip_bad_images: bool = False, completed: dict[str, dict[str, Any]] | None = None,
                      on_row: Callable[[dict[str, Any]], None] | None = None,
-                     indices: list[int] | None = None) -> tuple[EvalSummary, list[dict[str, Any]]]:
+                     indices: list[int] | None = None, progress: bool = True) -> tuple[EvalSummary, list[dict[str, Any]]]:
     """Run target-alone and speculative generation on every sample; return the summary and per-sample rows.
 
     `baseline_cache` lets several drafters share one timed target run per sample and setting (the demo
@@ -151,12 +151,12 @@ def evaluate_samples(target: Any, drafter: Any, processor: Any, samples: list[Be
     run already measured: they are not run again. `on_row` receives each new row as soon as it is done (the
     CLI appends it to samples.jsonl). A sample whose image is missing or corrupt raises `BadImageError`, or,
     with `skip_bad_images`, becomes a `skipped` row that the summary counts. `indices` are the samples'
-    positions in the whole benchmark (shards), recorded in each row.
+    positions in the whole benchmark (shards), recorded in each row. `progress=False` hides the progress bar.
     """
     adapter = get_adapter(target.config)
     generator = SpeculativeGenerator(target, drafter, processor)
     rows: list[dict[str, Any]] = []
-    for position, sample in enumerate(tqdm(samples, desc=description, unit="sample")):
+    for position, sample in enumerate(tqdm(samples, desc=description, unit="sample", disable=not progress)):
         index = indices[position] if indices is not None else position
         if completed is not None and sample.sample_id in completed:
             rows.append(completed[sample.sample_id])
@@ -438,16 +438,6 @@ def merge_shards(out: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _world_samples(args: argparse.Namespace, out: Path, skipped: list[BenchmarkSample]) -> list[BenchmarkSample]:
-    """The synthetic world at any seed and split, written under the output directory first."""
-    from massv.world import write_world
-
-    root = out / "world_data"
-    write_world(root, args.split or "heldout", args.world_num, args.world_seed)
-    return load_benchmark("world", root, split=args.split or "heldout", limit=args.limit,
-                          skip_missing_images=args.skip_bad_images, skipped=skipped)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from massv.cli import HelpFormatter, add_device_arguments
 
@@ -480,8 +470,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="(default: 128)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N samples (default: all)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--world-seed", type=int, default=1234, help="benchmark 'world' only: scene seed")
-    parser.add_argument("--world-num", type=int, default=50, help="benchmark 'world' only: number of samples")
     add_device_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output directory (an interrupted run resumes there)")
     parser.add_argument("--skip-bad-images", action="store_true",
@@ -501,14 +489,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _resolve_arguments(args: argparse.Namespace) -> EvalSettings:
     """Fill what --config supplies, then check that everything needed is there (before any model loads)."""
     if args.config:
-        from massv.config import load_config
-        from massv.train.builders import final_dir
+        from massv.config import final_dir, load_config
 
         config = load_config(args.config, args.override)
         args.target = args.target or config.model.target
         args.drafter = args.drafter or str(final_dir(config.phase2.output_dir))
         if config.eval is not None:
             args.benchmark = args.benchmark or config.eval.benchmark
+            args.data_root = args.data_root or (Path(config.eval.data_root) if config.eval.data_root else None)
+            args.split = args.split or config.eval.split
             args.num_draft_tokens = args.num_draft_tokens if args.num_draft_tokens is not None else config.eval.num_draft_tokens
             args.temperature = args.temperature if args.temperature is not None else config.eval.temperature
             args.max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else config.eval.max_new_tokens
@@ -574,11 +563,11 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     missing_images: list[BenchmarkSample] = []
     if args.benchmark == "world" and args.data_root is None:
-        samples = _world_samples(args, out, missing_images)
-    else:
-        samples = load_benchmark(args.benchmark, args.data_root, split=args.split, limit=args.limit,
-                                 cache_dir=out / "decoded_images", skip_missing_images=args.skip_bad_images,
-                                 skipped=missing_images)
+        raise InputError("--benchmark world needs --data-root DIR holding the world's splits; write one with "
+                         "`massv world --out DIR --split heldout --num 50 --seed 1234` and pass --split heldout")
+    samples = load_benchmark(args.benchmark, args.data_root, split=args.split, limit=args.limit,
+                             cache_dir=out / "decoded_images", skip_missing_images=args.skip_bad_images,
+                             skipped=missing_images)
     if not samples and not missing_images:
         raise InputError(f"benchmark {args.benchmark!r} has no samples (split={args.split}, limit={args.limit})")
     indices = list(range(len(samples)))
@@ -587,8 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         samples = [samples[index] for index in indices]
     manifest = {"target": args.target, "drafter": args.drafter, "benchmark": args.benchmark,
                 "data_root": str(args.data_root) if args.data_root else None, "split": args.split,
-                "limit": args.limit, "world_seed": args.world_seed if args.benchmark == "world" else None,
-                "world_num": args.world_num if args.benchmark == "world" else None,
+                "limit": args.limit,
                 "samples_sha256": _samples_digest(samples), "settings": asdict(settings),
                 "device": args.device, "dtype": args.dtype, "shard": args.shard}
     completed = check_run_directory(out, manifest, args.overwrite)
@@ -637,7 +625,8 @@ def _is_local_massv_drafter(name: str) -> bool:
 
 
 def _record_in_model_card(args: argparse.Namespace, summary: EvalSummary) -> None:
-    from massv.model_card import evaluation_entry, record_evaluation
+    from massv.drafter import record_evaluation
+    from massv.model_card import evaluation_entry
 
     record_evaluation(args.drafter, evaluation_entry(args.benchmark, asdict(summary)))
     logger.info("recorded MAL %.3f in %s/README.md", summary.mean_accepted_length, args.drafter)

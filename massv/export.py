@@ -57,7 +57,8 @@ def check_export_inputs(checkpoint: Path, out: Path) -> dict:
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, config: RunConfig | None = None,
                       phase: int | None = None) -> Path:
     """Write the drafter of `checkpoint` to `out`; `config` defaults to the run's resolved_config.yaml."""
-    from massv.train.builders import keep_trainable_in_fp32, resolve_objects, storage_dtype
+    from massv.loading import storage_dtype
+    from massv.train.builders import keep_trainable_in_fp32, resolve_objects
     from massv.train.loop import TRAINABLE_WEIGHTS, load_trainable_weights
 
     checkpoint, out = Path(checkpoint), Path(out)
@@ -69,8 +70,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, config: RunCon
         config = load_config(config_file)
     phase = phase or checkpoint_phase(checkpoint, config)
     if phase == 2:
+        from massv.config import final_dir
         from massv.preflight import check_drafter_dir
-        from massv.train.builders import final_dir
 
         check_drafter_dir(final_dir(config.phase1.output_dir), "phase 2 checkpoints build on the phase-1 drafter")
 

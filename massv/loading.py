@@ -19,11 +19,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from massv.errors import InputError, MissingInputError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, ProcessorMixin
+
+    from massv.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -283,3 +288,114 @@ def check_drafter_tokenizer(name_or_path: str | Path, target_tokenizer: Any) -> 
     tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, str(name_or_path), "the drafter's tokenizer")
     check_tokenizer_compatibility(target_tokenizer, tokenizer)
 
+
+# --------------------------------------------------------------------------------------------------
+# From a run config's model section (training, distillation, compression)
+# --------------------------------------------------------------------------------------------------
+# `model.target` / `model.drafter_lm` are hub ids or local paths. The special name ``tiny:<family>``
+# (``tiny:qwen2_5_vl``, ``tiny:gemma3``) builds the tiny random real-architecture pair of
+# `massv.tiny.build_tiny_pair(family, seed=0)` instead, so `configs/tiny.yaml` runs on a CPU with nothing
+# downloaded; both names must then be tiny and of the same family. The pair is deterministic, so every
+# process and every restart builds identical weights.
+
+
+def config_dtype(name: str) -> torch.dtype | str:
+    """A config's `model.torch_dtype`: "auto" stays "auto" (as saved / as trained), any other name resolved."""
+    return "auto" if name == "auto" else resolve_dtype(name)
+
+
+def tiny_pair_family(model_config: ModelConfig) -> str | None:
+    """The tiny family both model names name, None for real models; a half-tiny or mixed pair is an error."""
+    target_tiny = model_config.target.startswith(TINY_PREFIX)
+    drafter_tiny = model_config.drafter_lm.startswith(TINY_PREFIX)
+    if target_tiny != drafter_tiny or (target_tiny and model_config.target != model_config.drafter_lm):
+        raise ValueError(
+            f"model.target {model_config.target!r} and model.drafter_lm {model_config.drafter_lm!r}: a tiny "
+            "pair must name the same tiny family on both (e.g. tiny:qwen2_5_vl twice)"
+        )
+    return model_config.target[len(TINY_PREFIX):] if target_tiny else None
+
+
+def build_models(model_config: ModelConfig, device: str | torch.device | None = None,
+                 with_drafter_lm: bool = True) -> tuple[PreTrainedModel, PreTrainedModel | None, ProcessorMixin]:
+    """(target VLM, drafter LM or None, target processor), the tokenizers checked to agree.
+
+    The target stays on `device` (default CPU): in training only its vision encoder is used, and the recipe
+    moves just that to the accelerator, so a 7B-12B target LM never occupies GPU memory there.
+    """
+    family = tiny_pair_family(model_config)
+    if family is not None:
+        from massv.tiny import build_tiny_pair
+
+        pair = build_tiny_pair(family, seed=0)
+        target, processor = pair.target, pair.processor
+        drafter_lm = pair.drafter_lm if with_drafter_lm else None
+        if model_config.torch_dtype != "auto":
+            for model in (target, drafter_lm):
+                if model is not None:
+                    model.to(dtype=config_dtype(model_config.torch_dtype))
+    else:
+        # Loaded on the CPU (see above), in the dtype the computation will use: "auto" resolves for the device
+        # training runs on (bfloat16 on CUDA, float32 on the CPU).
+        compute_device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = resolve_dtype(model_config.torch_dtype, compute_device)
+        target, processor = load_target(model_config.target, dtype=dtype, device="cpu",
+                                        attn_implementation=model_config.attn_implementation)
+        drafter_lm = None
+        if with_drafter_lm:
+            logger.info("loading drafter LM %s", model_config.drafter_lm)
+            drafter_lm = load_causal_lm(model_config.drafter_lm, dtype=dtype, device="cpu",
+                                        attn_implementation=model_config.attn_implementation)
+            check_drafter_tokenizer(model_config.drafter_lm, processor.tokenizer)
+    if model_config.family is not None and target.config.model_type != model_config.family:
+        raise ValueError(f"model.family is {model_config.family!r} but {model_config.target} is a "
+                         f"{target.config.model_type!r} model")
+    apply_pixel_limits(processor, model_config.min_pixels, model_config.max_pixels)
+    if device is not None:
+        target.to(device)
+    target.eval()
+    return target, drafter_lm, processor
+
+
+def apply_pixel_limits(processor: ProcessorMixin, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Set Qwen2.5-VL's resize range (`model.min_pixels` / `model.max_pixels`) on the processor, in place.
+
+    The range decides each image's token count, so training, distillation and evaluation must all use the
+    processor it was set on (the resolved config records it).
+    """
+    if min_pixels is None and max_pixels is None:
+        return
+    image_processor = getattr(processor, "image_processor", None)
+    size = getattr(image_processor, "size", None)
+    current = {key: (size.get(key) if isinstance(size, dict) else getattr(size, key, None))
+               for key in ("shortest_edge", "longest_edge")}
+    if current["longest_edge"] is None:
+        raise ValueError(f"model.min_pixels / model.max_pixels are set, but the target's image processor "
+                         f"({type(image_processor).__name__}) has no pixel range to set: they apply to Qwen2.5-VL's "
+                         "dynamic resolution (Gemma3 resizes every image to one fixed size); remove them")
+    limits = {"shortest_edge": min_pixels if min_pixels is not None else current["shortest_edge"],
+              "longest_edge": max_pixels if max_pixels is not None else current["longest_edge"]}
+    if limits["shortest_edge"] is not None and limits["shortest_edge"] > limits["longest_edge"]:
+        raise ValueError(f"model.min_pixels {limits['shortest_edge']} exceeds max_pixels {limits['longest_edge']}")
+    if isinstance(size, dict):
+        image_processor.size = {**size, **limits}
+    else:
+        from transformers.image_utils import SizeDict
+
+        image_processor.size = SizeDict(**limits)
+    logger.info("image resize range: %s to %s pixels", limits["shortest_edge"], limits["longest_edge"])
+
+
+def build_target_and_processor(model_config: ModelConfig,
+                               device: str | torch.device | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """The target and its processor alone (self-distillation needs no drafter); CUDA when available."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    target, _, processor = build_models(model_config, device=device, with_drafter_lm=False)
+    return target, processor
+
+
+def storage_dtype(model_config: ModelConfig) -> torch.dtype | None:
+    """The dtype the finished drafter is saved in (None for "auto": as trained)."""
+    dtype = config_dtype(model_config.torch_dtype)
+    return None if dtype == "auto" else dtype

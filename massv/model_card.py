@@ -3,17 +3,14 @@
 Why: a drafter on the Hub is useless to someone who cannot tell which target it fits or what acceptance to
 expect; Hugging Face shows `README.md` (YAML front matter + markdown) as the model's page. Everything in the
 card is read from the drafter's own config (`training_data`, `evaluations`), so the card never says more than
-was recorded, and `record_evaluation` adds a `massv eval` result to a saved drafter.
+was recorded (`massv.drafter.record_evaluation` adds a `massv eval` result to a saved drafter). It reads
+no drafter file itself: the drafter module, which owns the files, calls it.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from massv.io import atomic_write_text, read_json
 
 if TYPE_CHECKING:
     from massv.drafter import MultimodalDrafterConfig
@@ -106,15 +103,3 @@ def merge_evaluation(evaluations: list[dict[str, Any]], entry: dict[str, Any]) -
     key = tuple(entry.get(name) for name in EVALUATION_KEY)
     kept = [old for old in evaluations if tuple(old.get(name) for name in EVALUATION_KEY) != key]
     return [*kept, entry]
-
-
-def record_evaluation(drafter_dir: str | os.PathLike[str], entry: dict[str, Any]) -> None:
-    """Add one MAL measurement to a saved drafter: its config and its model card are rewritten (atomically)."""
-    from massv.drafter import CONFIG_NAME, HF_CONFIG_NAME, MultimodalDrafterConfig, hub_config
-
-    drafter_dir = Path(drafter_dir)
-    config = MultimodalDrafterConfig.from_json(json.dumps(read_json(drafter_dir / CONFIG_NAME, "drafter config")))
-    config.evaluations = merge_evaluation(config.evaluations, entry)
-    atomic_write_text(drafter_dir / CONFIG_NAME, config.to_json())
-    atomic_write_text(drafter_dir / HF_CONFIG_NAME, json.dumps(hub_config(config), indent=2, sort_keys=True))
-    atomic_write_text(drafter_dir / MODEL_CARD_NAME, render_model_card(config))

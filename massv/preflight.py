@@ -96,7 +96,11 @@ def check_drafter_dir(path: str | os.PathLike[str], what: str) -> Path:
 def check_distilled_dir(path: str, what: str = "data.distilled_dir") -> Path:
     """A finished `massv distill` output: its manifest and every shard it lists."""
     from massv.io import read_json
-    from massv.train.distill import MANIFEST_NAME, SHARD_PATTERN, DistillIncompleteError
+    from massv.train.distilled import (
+        MANIFEST_NAME,
+        SHARD_PATTERN,
+        DistillIncompleteError,
+    )
 
     directory = Path(path)
     manifest_path = directory / MANIFEST_NAME
@@ -114,7 +118,7 @@ def check_distilled_dir(path: str, what: str = "data.distilled_dir") -> Path:
 
 def check_training_inputs(config: RunConfig, phase: int, resume: bool | str) -> None:
     """Everything `massv train --phase N` reads or writes, checked before a model is built."""
-    from massv.train.builders import final_dir
+    from massv.config import final_dir
     from massv.train.loop import check_output_dir, check_trackers
 
     cfg = config.phase1 if phase == 1 else config.phase2

@@ -52,9 +52,15 @@ def saved_drafter(tmp_path_factory) -> Path:
 
 
 def test_eval_errors_name_what_and_where_before_any_model_loads(capsys, tmp_path, saved_drafter, no_model_loads):
-    common = ["--benchmark", "world", "--world-num", "2", "--out", str(tmp_path / "out")]
+    common = ["--benchmark", "world", "--data-root", str(REPO / "tests" / "data" / "benchmarks" / "world"),
+              "--out", str(tmp_path / "out")]
     line = one_line_error(capsys, ["eval", "--target", "/nonexistent", "--drafter", str(WORLD / "text_lm"), *common])
     assert line == "massv eval: error: --target /nonexistent: no such directory, and not a Hub id (owner/name)"
+
+    # The world is a benchmark like any other: written by `massv world` (a pipeline), read from --data-root.
+    line = one_line_error(capsys, ["eval", "--target", str(WORLD / "target"), "--drafter", str(WORLD / "text_lm"),
+                                   "--benchmark", "world", "--out", str(tmp_path / "out_world")])
+    assert line.startswith("massv eval: error: --benchmark world needs --data-root DIR") and "massv world --out" in line
 
     checkpoint = tmp_path / "phase1" / "checkpoint-5"
     checkpoint.mkdir(parents=True)
@@ -161,7 +167,7 @@ def test_tiny_config_through_every_command(capsys, tmp_path):
     assert main(["train", "--config", TINY, "--phase", "2", "--override", *paths]) == 0
     assert main(["train", "--config", TINY, "--phase", "2", "--resume", "--override", *paths]) == 0  # finished: no-op
     assert main(["export", str(tmp_path / "phase2" / "checkpoint-2"), "--out", str(tmp_path / "exported")]) == 0
-    assert main(["eval", "--config", TINY, "--override", *paths, "eval.max_new_tokens=4", "--world-num", "1",
+    assert main(["eval", "--config", TINY, "--override", *paths, "eval.max_new_tokens=4", "--limit", "1",
                  "--device", "cpu", "--out", str(tmp_path / "eval")]) == 0
     assert main(["compress", "--config", TINY, "--override", *paths, "--device", "cpu",
                  "--out", str(tmp_path / "compressed")]) == 0

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from massv.compress.study import (
+from massv.pipelines.compression_study import (
     DENSE,
     JSON_NAME,
     MARKDOWN_NAME,
@@ -19,7 +19,7 @@ from massv.compress.study import (
     study_rows,
 )
 from massv.compress.table import CompressionRow
-from massv.world_models import WorldRecipe
+from massv.pipelines.world_models import WorldRecipe
 
 DENSE_MACS = 1_000_000
 # World models trained in seconds: what the study does with them is tested, not how well they answer.
@@ -113,11 +113,11 @@ def test_rows_without_a_dense_baseline_are_rejected():
 def _tiny_world(tmp_path):
     """Minuscule world models (trained in seconds into a private cache), the demo's data and distilled answers."""
     from massv.benchmarks import load_benchmark
-    from massv.demo import DEFAULT_CONFIG, SIZES, _demo_config
+    from massv.pipelines.demo import DEFAULT_CONFIG, SIZES, demo_config
     from massv.train.distill import generate_responses, load_distilled_records
     from massv.train.llava_data import load_llava_records
-    from massv.world import write_world
-    from massv.world_models import load_world_models
+    from massv.pipelines.world import write_world
+    from massv.pipelines.world_models import load_world_models
 
     world_models = load_world_models(cache_dir=tmp_path / "cache", recipe=TINY_RECIPE, progress=False)
     out = tmp_path / "demo"
@@ -125,7 +125,7 @@ def _tiny_world(tmp_path):
     write_world(world_dir, "pretrain", 8, 0)
     write_world(world_dir, "train", 8, 0)
     write_world(world_dir, "heldout", 2, 1)
-    config = _demo_config(DEFAULT_CONFIG, out, SIZES["quick"],
+    config = demo_config(DEFAULT_CONFIG, out, SIZES["quick"],
                           ["distill.max_new_tokens=8", f"data.distilled_dir={out / 'distilled'}"])
     pretrain, _ = load_llava_records(world_dir / "pretrain.jsonl", world_dir)
     train, _ = load_llava_records(world_dir / "train.jsonl", world_dir)
@@ -192,7 +192,7 @@ def test_quick_study_end_to_end_and_reused(tmp_path, monkeypatch):  # seconds: m
     def no_training(*args, **kwargs):
         raise AssertionError("a finished study stage must be reused, not retrained")
 
-    monkeypatch.setattr("massv.world_models.train_text_lm", no_training)
+    monkeypatch.setattr("massv.pipelines.world_models.train_text_lm", no_training)
     monkeypatch.setattr("massv.train.train_phase", no_training)
     again = run_compression_study(world_models, study_dir, distilled, pretrain, heldout, quick=True, progress=False)
     assert marker.stat().st_mtime_ns == trained_at

@@ -34,8 +34,8 @@ def smollm2():
 
 
 def test_smollm2_drafts_losslessly_for_the_world_target(smollm2) -> None:
-    from massv.world import make_record, render_scene
-    from massv.world_models import load_world_models, record_question
+    from massv.pipelines.world import make_record, render_scene
+    from massv.pipelines.world_models import load_world_models, record_question
 
     model, tokenizer = smollm2
     assert model.config.model_type == "llama" and len(tokenizer) == 49152  # another family, another vocabulary

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from massv.demo import DRAFTERS, main
-from massv.world_models import ASSETS_DIR, WorldRecipe, stored_recipe_hash
+from massv.pipelines.demo import DRAFTERS, main
+from massv.pipelines.world_models import ASSETS_DIR, WorldRecipe, stored_recipe_hash
 
 
 def test_shipped_world_models_match_the_default_recipe():
@@ -46,6 +46,30 @@ def test_quick_demo_end_to_end_and_reuses_only_unchanged_stages(tmp_path, capsys
     assert (out / "report.md").read_text().startswith("# MASSV demo report")
     assert (out / "report.png").stat().st_size > 10_000
     assert not any(stage["reused"] for stage in report["stages"].values())
+    # One drafter per temperature: phase 2 on the target's greedy answers (T = 0), and a drafter on as many
+    # answers it sampled at T = 1 with their own seed (T = 1).
+    sizes = report["sizes"]
+    assert sizes["sampled_answers"] == 1 and report["seeds"] == {"train": 0, "heldout": 1}
+    manifests = {stage: json.loads((out / "distilled" / report["stages"][stage]["key"] / "manifest.json").read_text())
+                 for stage in ("distill", "distill_sampled_1")}
+    assert manifests["distill"]["generation"]["temperature"] == 0.0
+    assert manifests["distill_sampled_1"]["generation"]["temperature"] == 1.0
+    assert manifests["distill"]["seed"] != manifests["distill_sampled_1"]["seed"]
+    greedy_answers, sampled_answers = ([json.loads(line)["conversations"][1]["value"]
+                                        for shard in sorted((out / "distilled" / report["stages"][stage]["key"]).glob("shard-*.jsonl"))
+                                        for line in shard.read_text().splitlines()] for stage in manifests)
+    assert len(greedy_answers) == len(sampled_answers) == sizes["train"] and greedy_answers != sampled_answers
+    for stage, directory in (("phase2", "phase2"), ("phase2_sampled", "phase2_sampled")):
+        prepared = next((out / directory / report["stages"][stage]["key"] / "preprocessed").glob("*/preprocess.json"))
+        assert json.loads(prepared.read_text())["num_records"] == sizes["train"]
+    assert set(report["massv_drafters"]) == {"T=0", "T=1"} and "sampled at T = 1" in report["massv_drafters"]["T=1"]
+    sampled_card = (out / "phase2_sampled" / report["stages"]["phase2_sampled"]["key"] / "final" / "README.md").read_text()
+    sampled_mal = report["results"]["massv"]["T=1"]["mean_accepted_length"]
+    assert f"| world (held-out) | 5 | 1 | 24 | 3 | {sampled_mal:.2f} |" in sampled_card
+    ratios = report["mal_ratio_massv_vs_text_only"]
+    for temperature in ("T=0", "T=1"):
+        assert ratios[temperature] == pytest.approx(report["results"]["massv"][temperature]["mean_accepted_length"]
+                                                    / report["results"]["text_only"][temperature]["mean_accepted_length"])
     card = (out / "phase2" / report["stages"]["phase2"]["key"] / "final" / "README.md").read_text()
     greedy_mal = report["results"]["massv"]["T=0"]["mean_accepted_length"]
     assert f"| world (held-out) | 5 | 0 | 24 | 3 | {greedy_mal:.2f} |" in card  # the drafter's model card has its MAL
@@ -59,7 +83,8 @@ def test_quick_demo_end_to_end_and_reuses_only_unchanged_stages(tmp_path, capsys
     assert main(["--quick", "--out", str(out), "--override", "phase2.learning_rate=5e-4"]) == 0
     second = json.loads((out / "report.json").read_text())
     assert {stage: value["reused"] for stage, value in second["stages"].items()} == {
-        "phase1": True, "distill": True, "phase2": False, "text_only_tuned": False}
+        "phase1": True, "distill": True, "distill_sampled_1": True, "phase2": False, "text_only_tuned": False,
+        "phase2_sampled": False}  # it reads the phase2 section too
     assert second["stages"]["phase1"]["key"] == report["stages"]["phase1"]["key"]
     assert second["stages"]["phase2"]["key"] != report["stages"]["phase2"]["key"]
     resolved = yaml.safe_load((out / "phase2" / second["stages"]["phase2"]["key"] / "resolved_config.yaml").read_text())
@@ -68,24 +93,49 @@ def test_quick_demo_end_to_end_and_reuses_only_unchanged_stages(tmp_path, capsys
 
 
 def test_stage_keys_change_for_a_stage_and_the_stages_that_read_it():
-    from massv.demo import DEFAULT_CONFIG, SIZES, _demo_config, stage_keys
+    from massv.pipelines.demo import DEFAULT_CONFIG, SIZES, demo_config, stage_keys
 
     def keys(*overrides):
-        config = _demo_config(DEFAULT_CONFIG, Path("/tmp/out"), SIZES["quick"], list(overrides))
+        config = demo_config(DEFAULT_CONFIG, Path("/tmp/out"), SIZES["quick"], list(overrides))
         return stage_keys(config, "world-hash", SIZES["quick"], seed=0)
 
     base = keys()
     changed = {
-        "phase1.learning_rate=1e-3": {"phase1", "phase2"},
-        "distill.temperature=1.0": {"distill", "phase2", "text_only_tuned"},
-        "phase2.learning_rate=5e-4": {"phase2", "text_only_tuned"},
-        "model.projector_layers=3": {"phase1", "phase2", "text_only_tuned"},  # the target's answers stay valid
-        "model.torch_dtype=bfloat16": {"phase1", "distill", "phase2", "text_only_tuned"},
+        "phase1.learning_rate=1e-3": {"phase1", "phase2", "phase2_sampled"},
+        "distill.temperature=1.0": {"distill", "phase2", "text_only_tuned"},  # the sampled pass is at 1.0 anyway
+        "distill.max_new_tokens=10": {"distill", "distill_sampled_1", "phase2", "text_only_tuned", "phase2_sampled"},
+        "distill.seed=5": {"distill", "distill_sampled_1", "phase2", "text_only_tuned", "phase2_sampled"},
+        "phase2.learning_rate=5e-4": {"phase2", "text_only_tuned", "phase2_sampled"},
+        "model.projector_layers=3": {"phase1", "phase2", "text_only_tuned", "phase2_sampled"},  # answers stay valid
+        "model.torch_dtype=bfloat16": {"phase1", "distill", "distill_sampled_1", "phase2", "text_only_tuned",
+                                       "phase2_sampled"},
     }
     for override, stages in changed.items():
         new = keys(override)
         assert {stage for stage in base if new[stage] != base[stage]} == stages, override
     # Where the outputs go is not what they are: other output paths keep every key.
     assert keys("phase1.output_dir=/elsewhere", "data.distilled_dir=/x") == base
-    other_world = stage_keys(_demo_config(DEFAULT_CONFIG, Path("/tmp/out"), SIZES["quick"], []), "other", SIZES["quick"], 0)
+    other_world = stage_keys(demo_config(DEFAULT_CONFIG, Path("/tmp/out"), SIZES["quick"], []), "other", SIZES["quick"], 0)
     assert all(other_world[stage] != base[stage] for stage in base)
+
+
+def test_sampled_answer_passes_are_stages_of_their_own():
+    from massv.pipelines.demo import DEFAULT_CONFIG, SAMPLED_TEMPERATURE, SIZES, answer_passes, demo_config, stage_keys
+
+    config = demo_config(DEFAULT_CONFIG, Path("/tmp/out"), SIZES["quick"], [])
+    greedy_only = {**SIZES["quick"], "sampled_answers": 0}
+    two = {**SIZES["quick"], "sampled_answers": 2}
+    passes = answer_passes(config, two)
+    assert [settings["temperature"] for settings in passes] == [0.0, SAMPLED_TEMPERATURE, SAMPLED_TEMPERATURE]
+    assert len({settings["seed"] for settings in passes}) == 3  # two sampled passes are two different samples
+    keys = {count: stage_keys(config, "world-hash", size, seed=0)
+            for count, size in ((0, greedy_only), (1, SIZES["quick"]), (2, two))}
+    assert set(keys[0]) == {"phase1", "distill", "phase2", "text_only_tuned"}  # one drafter for both temperatures
+    assert set(keys[2]) - set(keys[0]) == {"distill_sampled_1", "distill_sampled_2", "phase2_sampled"}
+    for stage in ("distill", "phase2", "text_only_tuned"):  # the greedy side is the same whatever is sampled
+        assert keys[0][stage] == keys[1][stage] == keys[2][stage]
+    assert keys[1]["distill_sampled_1"] == keys[2]["distill_sampled_1"]
+    assert keys[1]["phase2_sampled"] != keys[2]["phase2_sampled"]  # it reads one more set of answers
+    longer = stage_keys(config, "world-hash", {**SIZES["quick"], "sampled_steps": 20}, seed=0)
+    from_greedy = stage_keys(config, "world-hash", {**SIZES["quick"], "sampled_start": "phase2"}, seed=0)
+    assert len({keys[1]["phase2_sampled"], longer["phase2_sampled"], from_greedy["phase2_sampled"]}) == 3

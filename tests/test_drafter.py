@@ -210,7 +210,8 @@ def test_saved_drafter_is_a_readable_hub_style_directory(tiny_pair, drafter, tmp
 
 
 def test_model_card_lists_training_data_and_mal(tiny_pair, drafter, tmp_path):
-    from massv.model_card import evaluation_entry, record_evaluation
+    from massv.drafter import record_evaluation
+    from massv.model_card import evaluation_entry
 
     drafter.config.training_data["phase1"] = "image-caption pairs data/captions.json"
     path = drafter.save_pretrained(tmp_path / "final")

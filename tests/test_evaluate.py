@@ -50,13 +50,19 @@ def _run(saved_models, out, *extra):
 
 
 def _world(tmp_path: Path, num: int, seed: int) -> Path:
-    from massv.world import write_world
+    from massv.pipelines.world import write_world
 
     return write_world(tmp_path / "world", "heldout", num, seed)
 
 
+def _world_args(tmp_path: Path, num: int, seed: int) -> list[str]:
+    """`massv eval` arguments for `num` held-out world scenes of `seed`, written under `tmp_path` first."""
+    root = _world(tmp_path / f"world_{seed}_{num}", num, seed).parent
+    return ["--benchmark", "world", "--data-root", str(root), "--split", "heldout"]
+
+
 def test_eval_on_world_with_unseen_seed(saved_models, tmp_path):
-    code, summary, rows = _run(saved_models, tmp_path, "--benchmark", "world", "--world-seed", "90817", "--world-num", "3")
+    code, summary, rows = _run(saved_models, tmp_path, *_world_args(tmp_path, 3, 90817))
     assert code == 0
     assert summary["num_samples"] == 3 and len(rows) == 3
     assert summary["lossless_checked"] == 3 and summary["lossless_mismatches"] == 0
@@ -85,7 +91,7 @@ def test_eval_on_each_benchmark_format(saved_models, tmp_path, benchmark_name, q
 
 
 def test_eval_with_text_only_drafter_and_missing_benchmark_file(saved_models, tmp_path):
-    code = eval_main(_args(saved_models, tmp_path, "--benchmark", "world", "--world-seed", "4242", "--world-num", "2",
+    code = eval_main(_args(saved_models, tmp_path, *_world_args(tmp_path, 2, 4242),
                            drafter="text_lm"))
     assert code == 0
     with pytest.raises(FileNotFoundError, match="testdev_balanced_questions.json"):
@@ -151,7 +157,7 @@ def test_a_missing_image_is_refused_before_any_model_loads_or_counted_with_the_f
 
 def test_an_interrupted_run_resumes_and_other_settings_are_refused(saved_models, tmp_path, qwen_only, monkeypatch):
     out = tmp_path / "out"
-    args = ["--benchmark", "world", "--world-seed", "515", "--world-num", "3"]
+    args = [*_world_args(tmp_path, 3, 515)]
     original, calls = evaluate_module._measure, []
 
     def interrupt_second(*a, **k):
@@ -173,7 +179,7 @@ def test_an_interrupted_run_resumes_and_other_settings_are_refused(saved_models,
 
 
 def test_shards_merge_into_the_unsharded_run(saved_models, tmp_path, qwen_only):
-    args = ["--benchmark", "world", "--world-seed", "616", "--world-num", "5"]
+    args = [*_world_args(tmp_path, 5, 616)]
     _, whole, whole_rows = _run(saved_models, tmp_path / "whole", *args)
     for index in range(2):
         assert eval_main(_args(saved_models, tmp_path / "sharded", *args, "--shard", f"{index}/2")) == 0
@@ -201,7 +207,7 @@ def test_greedy_mismatches_are_a_rate_not_a_crash(saved_models, tmp_path, qwen_o
         return ([ids[0] + 1] + ids[1:] if len(calls) == 1 else ids), seconds
 
     monkeypatch.setattr(evaluate_module, "_target_generate", flip_first)
-    args = ["--benchmark", "world", "--world-seed", "717", "--world-num", "4"]
+    args = [*_world_args(tmp_path, 4, 717)]
     code, summary, _ = _run(saved_models, tmp_path / "a", *args)
     assert code == 0  # reported, not a failure: half precision on a GPU flips near-ties
     assert summary["lossless_mismatches"] == 1 and summary["lossless_mismatch_rate"] == 0.25
@@ -221,7 +227,7 @@ def test_eval_reads_its_defaults_from_a_tiny_config(tmp_path, qwen_only):
     config = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
     code = eval_main(["--config", str(config), "--override", f"phase2.output_dir={tmp_path / 'phase2'}",
                       "eval.max_new_tokens=5", "--out", str(tmp_path / "out"), "--device", "cpu",
-                      "--world-num", "2", "--record-in-model-card"])
+                      "--record-in-model-card"])
     assert code == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["target"] == "tiny:qwen2_5_vl" and summary["benchmark"] == "world"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -92,9 +94,18 @@ def test_tiny_names_load_the_tiny_pair_in_the_asked_dtype():
     assert lm.dtype == torch.bfloat16 and processor.tokenizer is not None
 
 
-def test_one_dtype_resolution_for_training_and_loading():
-    """builders (training) and loading (eval, compress, export) resolve dtype names through one function."""
+def test_one_loader_for_training_and_loading():
+    """Training, distillation, eval, compress and export build models and resolve dtype names in massv.loading
+    alone: the training builders hold no model loading of their own."""
+    import ast
+
     from massv.train import builders
 
-    assert builders.resolve_dtype is loading.resolve_dtype
-    assert builders._dtype("bfloat16") == torch.bfloat16 and builders._dtype("auto") == "auto"
+    assert loading.config_dtype("bfloat16") == torch.bfloat16 and loading.config_dtype("auto") == "auto"
+    assert loading.config_dtype("float32") is loading.resolve_dtype("float32")
+    tree = ast.parse(Path(builders.__file__).read_text())
+    calls = {node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+             for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    assert not calls & {"resolve_dtype", "load_target", "load_causal_lm", "build_tiny_pair"}, calls
+    with pytest.raises(ValueError, match="a tiny pair must name the same tiny family"):
+        loading.tiny_pair_family(type("M", (), {"target": "tiny:qwen2_5_vl", "drafter_lm": "tiny:gemma3"})())

@@ -13,11 +13,12 @@ import copy
 
 import torch
 
-from massv import MultimodalDrafter, SpeculativeGenerator, world
+from massv import MultimodalDrafter, SpeculativeGenerator
+from massv.pipelines import world
 from massv.compress import Sample, build_batches, prepare_batches, recover
 from massv.compress.calibration import PreparedBatch
 from massv.speculative import GenerationStats
-from massv.world_models import generate_target_answers, heldout_records, load_world_models, record_question
+from massv.pipelines.world_models import generate_target_answers, heldout_records, load_world_models, record_question
 
 SEED = 0
 TRAIN_PROMPTS = 384  # the target answers these (self-distillation), about 15 s

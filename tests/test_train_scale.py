@@ -20,7 +20,8 @@ from massv.families import get_adapter
 from massv.tiny import build_tiny_pair
 from massv.train import train_phase
 from massv.train.batching import TokenBudgetBatchSampler, resolve_accumulation
-from massv.train.builders import build_drafter, build_models, resolve_objects
+from massv.loading import build_models
+from massv.train.builders import build_drafter, resolve_objects
 from massv.train.data import IGNORE_INDEX, DrafterCollator, DrafterDataset, ExampleDropped, encode_example, pad_token_id
 from massv.train.distill import CLAIMS_DIR, generate_responses
 from massv.train.llava_data import load_llava_records

@@ -15,8 +15,8 @@ from itertools import islice
 import numpy as np
 import pytest
 
-from massv import world
-from massv.world import (
+from massv.pipelines import world
+from massv.pipelines.world import (
     CELL_PHRASES,
     COLOURS,
     IMAGE_TOKEN,

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from transformers import AutoProcessor, AutoTokenizer
 
-from massv import world
-from massv.world_models import (
+from massv.pipelines import world
+from massv.pipelines.world_models import (
     ASSETS_DIR,
     PARSE_FIELDS,
     WorldModels,
@@ -159,7 +159,7 @@ OFFLINE_LOAD = textwrap.dedent("""
     from huggingface_hub import constants
     assert constants.HF_HUB_OFFLINE, "HF_HUB_OFFLINE must be read when huggingface_hub is imported"
     from transformers import AutoProcessor
-    from massv.world_models import ASSETS_DIR, load_world_models
+    from massv.pipelines.world_models import ASSETS_DIR, load_world_models
     models = load_world_models(cache_dir=sys.argv[1], progress=False)
     processor = AutoProcessor.from_pretrained(ASSETS_DIR / "processor")
     print(json.dumps({"path": str(models.path), "target": models.target.config.model_type,
@@ -273,7 +273,7 @@ def test_minuscule_recipe_trains_saves_and_reloads_from_cache(tmp_path, monkeypa
     assert AutoTokenizer.from_pretrained(expected_dir / "text_lm").vocab == models.tokenizer.vocab
     assert models.metrics["heldout"]["target"]["all"]["n"] == TINY_RECIPE.eval_samples
 
-    import massv.world_models as world_models
+    import massv.pipelines.world_models.store as world_models  # where load_world_models looks it up
 
     def no_training(*args, **kwargs):
         raise AssertionError("a cached recipe must not be retrained")

@@ -31,7 +31,12 @@ from massv.compress.angular import TokenSelection, prune_layers
 from massv.compress.calibration import Batch, PreparedBatch, prepare_batches
 from massv.compress.macs import DrafterMACs, drafter_macs
 from massv.compress.recover import recover
-from massv.compress.sparsity import Granularity, SparsityMasks, prune_sparse, weight_sparsity
+from massv.compress.sparsity import (
+    Granularity,
+    SparsityMasks,
+    prune_sparse,
+    weight_sparsity,
+)
 from massv.config import CompressConfig, RunConfig, TrainingConfig
 from massv.drafter import MultimodalDrafter
 
@@ -182,11 +187,17 @@ def main(argv: list[str] | None = None) -> int:
     add_override_argument(parser, "compress.sparsity=0.7")
     args = parser.parse_args(argv)
 
-    from massv.config import load_config, save_resolved_config
+    from massv.config import final_dir, load_config, save_resolved_config
     from massv.errors import InputError
     from massv.loading import input_device, load_target, resolve_placement
-    from massv.preflight import check_data_file, check_directory, check_distilled_dir, check_drafter_dir, check_models
-    from massv.train.builders import build_train_dataset, final_dir
+    from massv.preflight import (
+        check_data_file,
+        check_directory,
+        check_distilled_dir,
+        check_drafter_dir,
+        check_models,
+    )
+    from massv.train.builders import build_train_dataset
 
     config = load_config(args.config, args.override)
     if config.compress is None:

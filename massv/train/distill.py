@@ -69,6 +69,7 @@ from massv.families import FamilyAdapter, get_adapter
 from massv.generation_settings import GenerationSettings, resolve_generation_settings
 from massv.io import atomic_write_json
 from massv.train.data import build_messages, render_prompt
+from massv.train.distilled import MANIFEST_NAME, SHARD_PATTERN, DistillIncompleteError
 from massv.train.llava_data import (
     GPT,
     HUMAN,
@@ -81,9 +82,7 @@ from massv.train.llava_data import (
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 2  # 2: resolved `generation` settings instead of the configured temperature / top_p
-SHARD_PATTERN = "shard-{:05d}.jsonl"
 PARTIAL_SUFFIX = ".partial"
 CLAIMS_DIR = "claims"
 # Manifest keys that must match for a restart to continue an existing output directory.
@@ -93,10 +92,6 @@ SETTINGS_KEYS = ("target", "family", "source", "image_root", "num_records", "rec
 
 class DistillSettingsError(MassvError, ValueError):
     """The output directory was started with other settings; continuing would mix two distributions."""
-
-
-class DistillIncompleteError(MassvError, RuntimeError):
-    """Phase 2 was pointed at self-distillation output that is not finished."""
 
 
 @dataclass
@@ -315,7 +310,7 @@ def generate_responses(config: RunConfig, *, target: PreTrainedModel | None = No
     `device` is where a target built here goes (default: CUDA when available). The processes of one launch
     share `launch_id` (one call alone needs none) and claim shards from each other as they go.
     """
-    from massv.train.builders import build_target_and_processor
+    from massv.loading import build_target_and_processor
 
     settings = config.distill
     output_dir = Path(output_dir if output_dir is not None else config.data.distilled_dir)

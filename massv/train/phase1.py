@@ -20,8 +20,8 @@ from transformers import PreTrainedModel, ProcessorMixin
 from massv.config import RunConfig
 from massv.drafter import MultimodalDrafter
 from massv.train.builders import resolve_objects
-from massv.train.loop import make_accelerator
-from massv.train.phase_run import PhaseResult, save_final_drafter, train_drafter
+from massv.train.loop import make_accelerator, train_loop
+from massv.train.phase_run import PhaseResult, prepare_training, save_final_drafter
 
 logger = logging.getLogger(__name__)
 
@@ -36,16 +36,23 @@ def run(config: RunConfig, *, resume: bool = False, target: PreTrainedModel | No
     conversations) may be passed in; whatever is missing is built from the config.
     """
     cfg = config.phase1
+    # ---- 1. setup: every object built once (what is not given comes from the config) ----
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)  # the fresh projector's initialisation
     target, drafter, processor = resolve_objects(config, 1, target, drafter, processor)
     if cfg.lora is not None:
         logger.warning("phase1.lora is ignored: phase 1 trains the projector only")
-
     drafter.set_trainable("phase1")  # projector only: LM and vision encoder frozen
-    drafter, result = train_drafter(config, 1, accelerator, drafter, processor, dataset, resume=resume,
-                                    stop_after_steps=stop_after_steps, cache_image_features=cache_image_features)
+    train_data, collator = prepare_training(config, 1, accelerator, drafter, processor, dataset, cache_image_features)
+
+    # ---- 2. train ----
+    result = train_loop(accelerator, drafter, train_data, collator, cfg, resume=resume,
+                        num_workers=config.data.num_workers, stop_after_steps=stop_after_steps,
+                        run_name="phase1", tracker_config=config.to_dict())
+    drafter = accelerator.unwrap_model(drafter)
     if not result.finished:
         return PhaseResult(drafter=drafter, train=result, final_path=None)
+
+    # ---- 3. save ----
     path = save_final_drafter(config, 1, accelerator, drafter, [drafter.projector], result)
     return PhaseResult(drafter=drafter, train=result, final_path=path)

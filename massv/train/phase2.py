@@ -19,8 +19,8 @@ from transformers import PreTrainedModel, ProcessorMixin
 from massv.config import LoraConfig, RunConfig
 from massv.drafter import MultimodalDrafter
 from massv.train.builders import resolve_objects
-from massv.train.loop import make_accelerator
-from massv.train.phase_run import PhaseResult, save_final_drafter, train_drafter
+from massv.train.loop import make_accelerator, train_loop
+from massv.train.phase_run import PhaseResult, prepare_training, save_final_drafter
 
 logger = logging.getLogger(__name__)
 
@@ -45,17 +45,24 @@ def run(config: RunConfig, *, resume: bool = False, target: PreTrainedModel | No
     self-distilled shards in `data.distilled_dir`.
     """
     cfg = config.phase2
+    # ---- 1. setup: every object built once (what is not given comes from the config) ----
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
     target, drafter, processor = resolve_objects(config, 2, target, drafter, processor)
-
     drafter.set_trainable("phase2")  # projector + LM; vision encoder frozen
     if cfg.lora is not None:
         add_lora(drafter, cfg.lora)  # freezes the LM's own weights again, adapters train
-    drafter, result = train_drafter(config, 2, accelerator, drafter, processor, dataset, resume=resume,
-                                    stop_after_steps=stop_after_steps, cache_image_features=cache_image_features)
+    train_data, collator = prepare_training(config, 2, accelerator, drafter, processor, dataset, cache_image_features)
+
+    # ---- 2. train ----
+    result = train_loop(accelerator, drafter, train_data, collator, cfg, resume=resume,
+                        num_workers=config.data.num_workers, stop_after_steps=stop_after_steps,
+                        run_name="phase2", tracker_config=config.to_dict())
+    drafter = accelerator.unwrap_model(drafter)
     if not result.finished:
         return PhaseResult(drafter=drafter, train=result, final_path=None)
+
+    # ---- 3. save ----
     if cfg.lora is not None:
         drafter.language_model = drafter.language_model.merge_and_unload()
     path = save_final_drafter(config, 2, accelerator, drafter, [drafter.language_model, drafter.projector], result)

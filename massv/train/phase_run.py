@@ -1,9 +1,10 @@
-"""What both training phases do once they have chosen which drafter weights train: build the data, run the
-loop, and save the finished drafter.
+"""The steps both phase recipes share around their own choice of trainable weights: `prepare_training`
+(the data and the resolved config, at the end of setup) and `save_final_drafter` (the save).
 
 Why one place: phase 1 (projector only) and phase 2 (projector + LM, or LoRA) differ only in that choice and in
-which modules they store in the checkpoint dtype; the data path, the feature cache, checkpointing, and the
-save / wait / end-of-training order must not drift apart between them.
+which modules they store in the checkpoint dtype; the data path, the feature cache, and the save / wait /
+end-of-training order must not drift apart between them. The loop itself (`massv.train.loop.train_loop`) is
+called by the recipes, in plain sight.
 """
 
 from __future__ import annotations
@@ -18,16 +19,16 @@ from datasets import Dataset
 from torch import nn
 from transformers import ProcessorMixin
 
-from massv.config import RunConfig, TrainingConfig, save_resolved_config
+from massv.config import RunConfig, TrainingConfig, final_dir, save_resolved_config
 from massv.drafter import MultimodalDrafter
+from massv.loading import storage_dtype
 from massv.train.builders import (
     build_train_dataset,
-    final_dir,
     keep_trainable_in_fp32,
     move_vision_to,
-    storage_dtype,
 )
-from massv.train.loop import TrainResult, train_loop
+from massv.train.data import DrafterCollator, DrafterDataset
+from massv.train.loop import TrainResult
 from massv.train.preprocess import prepared_records
 
 logger = logging.getLogger(__name__)
@@ -42,17 +43,17 @@ class PhaseResult:
     final_path: Path | None  # None when the run stopped early (stop_after_steps)
 
 
-def train_drafter(config: RunConfig, phase: int, accelerator: Accelerator, drafter: MultimodalDrafter,
-                  processor: ProcessorMixin, dataset: Dataset | None, *, resume: bool,
-                  stop_after_steps: int | None, cache_image_features: bool) -> tuple[MultimodalDrafter, TrainResult]:
-    """Train the drafter's already-chosen trainable weights on the phase's records; returns the unwrapped
-    drafter and the loop's result."""
+def prepare_training(config: RunConfig, phase: int, accelerator: Accelerator, drafter: MultimodalDrafter,
+                     processor: ProcessorMixin, dataset: Dataset | None,
+                     cache_image_features: bool) -> tuple[DrafterDataset, DrafterCollator]:
+    """Step 1's second half, once the trainable weights are chosen: master weights in float32, the vision
+    encoder on the accelerator, the checked records as a dataset (cached by content, so resumes and the other
+    processes reuse them) and the resolved config next to the checkpoints."""
     cfg = phase_config(config, phase)
     keep_trainable_in_fp32(drafter)
     move_vision_to(drafter, accelerator.device)
     if cfg.gradient_checkpointing:
         drafter.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # Checked once, by the main process, and cached by content: resumes and the other processes reuse it.
     checked = prepared_records(config, phase, cfg.output_dir, processor, drafter.adapter, accelerator, dataset)
     train_data, collator = build_train_dataset(config, None, processor, drafter, checked=checked)
     if cache_image_features:  # small data sets only (tests, demo): features are kept in memory
@@ -60,10 +61,7 @@ def train_drafter(config: RunConfig, phase: int, accelerator: Accelerator, draft
             {name: value.to(accelerator.device) for name, value in inputs.items()}))
     if accelerator.is_main_process:
         save_resolved_config(config, cfg.output_dir)
-    result = train_loop(accelerator, drafter, train_data, collator, cfg, resume=resume,
-                        num_workers=config.data.num_workers, stop_after_steps=stop_after_steps,
-                        run_name=f"phase{phase}", tracker_config=config.to_dict())
-    return accelerator.unwrap_model(drafter), result
+    return train_data, collator
 
 
 def save_final_drafter(config: RunConfig, phase: int, accelerator: Accelerator, drafter: MultimodalDrafter,

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from transformers import ProcessorMixin
 
 from massv.config import RunConfig
 from massv.families import FamilyAdapter
+from massv.io import atomic_directory
 from massv.train.data import check_records
 
 logger = logging.getLogger(__name__)
@@ -144,14 +144,8 @@ def prepared_records(config: RunConfig, phase: int, output_dir: str | os.PathLik
 
 def _save(checked: Dataset, directory: Path, parts: Mapping[str, Any]) -> None:
     """Write into a temporary sibling and rename: a killed job never leaves a half cache that looks done."""
-    staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    checked.save_to_disk(str(staging / RECORDS_DIR))
-    info = {"num_records": len(checked), "key": dict(parts)}
-    (staging / DONE_NAME).write_text(json.dumps(info, indent=2, sort_keys=True))
-    if directory.exists():  # an earlier, unfinished attempt
-        shutil.rmtree(directory)
-    os.replace(staging, directory)
+    with atomic_directory(directory) as staging:  # replaces an earlier, unfinished attempt
+        checked.save_to_disk(str(staging / RECORDS_DIR))
+        info = {"num_records": len(checked), "key": dict(parts)}
+        (staging / DONE_NAME).write_text(json.dumps(info, indent=2, sort_keys=True))
     logger.info("preprocessed %d records, cached in %s", len(checked), directory)

@@ -24,14 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from massv.config import RunConfig, load_config
+from massv.config import RunConfig, final_dir, load_config
 from massv.drafter import MultimodalDrafter
-from massv.evaluate import EvalSettings, EvalSummary, evaluate_samples
+from massv.evaluate import EvalSettings, EvalSummary, evaluate_samples, summarize
+from massv.pipelines.stages import train_or_load
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 DRAFTERS = {
     "text_only": "(a) text-only drafter",
     "text_only_tuned": "(b) text-only drafter tuned on target answers",
@@ -42,10 +44,20 @@ DRAFTERS = {
 # Phase 2 runs long on few prompts: on the shipped world, 400 -> 1000 steps raised full MASSV's greedy MAL from
 # 3.81 to 4.26 while the text-only drafter tuned the same way stayed at 3.44-3.49 (the image is what it learns).
 # 1500 steps added nothing greedy (4.29) and overfit: sampled (T=1) MAL fell from 3.28 to 2.92.
+# One drafter per serving temperature. Greedy decoding is served by the drafter distilled on the target's greedy
+# answers; sampling (T = 1) by one distilled on `sampled_answers` answers per prompt that the target *sampled*
+# at SAMPLED_TEMPERATURE: a drafter trained on greedy answers is sharpened towards one phrasing and loses to the
+# text-only drafter at T = 1, while sampled answers teach it the spread the sampling target draws from.
+# `sampled_steps` phase-2 steps, starting from `sampled_start` ("phase1": the phase-1 drafter; "phase2": the
+# greedy-distilled one). `sampled_answers: 0` serves both temperatures with the greedy-distilled drafter.
+# Chosen on the seed-2 validation world (`massv demo --heldout-seed 2`; eval/results/demo_validation.md).
 SIZES = {
-    "full": {"pretrain": 2400, "train": 1200, "heldout": 40, "phase1_steps": 300, "phase2_steps": 1000, "max_new_tokens": 96},
-    "quick": {"pretrain": 64, "train": 32, "heldout": 3, "phase1_steps": 10, "phase2_steps": 10, "max_new_tokens": 24},
+    "full": {"pretrain": 2400, "train": 1200, "heldout": 40, "phase1_steps": 300, "phase2_steps": 1000,
+             "max_new_tokens": 96, "sampled_answers": 1, "sampled_steps": 1000, "sampled_start": "phase1"},
+    "quick": {"pretrain": 64, "train": 32, "heldout": 3, "phase1_steps": 10, "phase2_steps": 10,
+              "max_new_tokens": 24, "sampled_answers": 1, "sampled_steps": 10, "sampled_start": "phase1"},
 }
+SAMPLED_TEMPERATURE = 1.0
 
 
 # Keys that name where things are, not what they are: left out of the stage keys.
@@ -53,7 +65,7 @@ PATH_KEYS = ("pretrain_json", "pretrain_image_root", "instruct_json", "instruct_
              "output_dir")
 
 
-def _demo_config(config_path: Path, out: Path, size: dict[str, int], overrides: list[str]) -> RunConfig:
+def demo_config(config_path: Path, out: Path, size: dict[str, int], overrides: list[str]) -> RunConfig:
     """The demo's YAML with data paths moved under `out` and the size's step counts (stage directories: see
     `_keyed_config`)."""
     world = out / "world"
@@ -74,22 +86,45 @@ def _without_paths(section: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in section.items() if key not in PATH_KEYS}
 
 
+def answer_passes(config: RunConfig, size: dict[str, int]) -> list[dict[str, Any]]:
+    """The distill sections of the self-distillation passes: the configured one (greedy in configs/demo.yaml),
+    then `size["sampled_answers"]` passes at SAMPLED_TEMPERATURE, each with its own sampling seed."""
+    greedy = config.to_dict()["distill"]
+    sampled = [{**greedy, "temperature": SAMPLED_TEMPERATURE, "seed": greedy["seed"] + 1 + index}
+               for index in range(size.get("sampled_answers", 0))]
+    return [greedy, *sampled]
+
+
+def distill_stage(index: int) -> str:
+    """The stage name of answer pass `index` ("distill", then "distill_sampled_1", ...)."""
+    return "distill" if index == 0 else f"distill_sampled_{index}"
+
+
 def stage_keys(config: RunConfig, world_hash: str, size: dict[str, int], seed: int) -> dict[str, str]:
     """One key per stage: a hash of everything the stage's output depends on, its upstream stages' keys included.
 
-    phase 1 <- the world models, the model section, phase1, the caption data; distill <- the world models,
-    the model section, distill, the prompts; phase 2 and baseline (b) <- phase2 and the keys they read from.
+    phase 1 <- the world models, the model section, phase1, the caption data; each distill pass <- the world
+    models, the model section, its distill settings, the prompts; phase 2 and baseline (b) <- phase2 and the
+    keys they read from.
     """
     raw = config.to_dict()
     base = {"world": world_hash, "seed": seed, "model": raw["model"], "data": _without_paths(raw["data"])}
     phase1 = _hash({**base, "stage": "phase1", "pretrain": size["pretrain"], "phase1": _without_paths(raw["phase1"])})
     target_only = {key: raw["model"][key] for key in ("target", "torch_dtype", "attn_implementation")}
-    distill = _hash({**base, "model": target_only, "stage": "distill", "train": size["train"], "distill": raw["distill"]})
-    phase2 = _hash({**base, "stage": "phase2", "phase1": phase1, "distill": distill,
+    distill = {distill_stage(index): _hash({**base, "model": target_only, "stage": "distill", "train": size["train"],
+                                            "distill": settings})
+               for index, settings in enumerate(answer_passes(config, size))}
+    phase2 = _hash({**base, "stage": "phase2", "phase1": phase1, "distill": distill["distill"],
                     "phase2": _without_paths(raw["phase2"])})
-    text_only_tuned = _hash({**base, "stage": "text_only_tuned", "distill": distill,
+    text_only_tuned = _hash({**base, "stage": "text_only_tuned", "distill": distill["distill"],
                              "phase2": _without_paths(raw["phase2"])})
-    return {"phase1": phase1, "distill": distill, "phase2": phase2, "text_only_tuned": text_only_tuned}
+    keys = {"phase1": phase1, **distill, "phase2": phase2, "text_only_tuned": text_only_tuned}
+    sampled = sorted(key for stage, key in distill.items() if stage != "distill")
+    if sampled:
+        start = {"phase1": phase1, "phase2": phase2}[size["sampled_start"]]
+        keys["phase2_sampled"] = _hash({**base, "stage": "phase2_sampled", "start": start, "distill": sampled,
+                                        "steps": size["sampled_steps"], "phase2": _without_paths(raw["phase2"])})
+    return keys
 
 
 def _keyed_config(config: RunConfig, out: Path, keys: dict[str, str]) -> RunConfig:
@@ -104,10 +139,6 @@ def _stage(name: str) -> None:
     logger.info("==== %s ====", name)
 
 
-def _final(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "final"
-
-
 def _text_only_records(records: Any) -> Any:
     """The distilled answers without their images: what a text-only drafter can be tuned on."""
     from massv.train.data import strip_image_placeholder
@@ -119,47 +150,37 @@ def _text_only_records(records: Any) -> Any:
     return records.map(strip)
 
 
-def _train_or_load(config: RunConfig, phase: int, target: Any, drafter: MultimodalDrafter, processor: Any,
-                   records: Any, reused: dict[str, bool] | None = None, stage: str | None = None) -> MultimodalDrafter:
-    """Run a phase unless its final drafter exists (then load it: a second demo run reuses the stage).
-
-    The caller keys `output_dir` by the stage's config (`stage_keys`), so an existing final drafter is one
-    trained with this very config. `reused[stage]` records which of the two happened.
-    """
-    from massv.train import train_phase
-    from massv.train.phase_run import phase_config
-
-    output_dir = phase_config(config, phase).output_dir
-    found = (_final(output_dir) / "massv_drafter.json").is_file()
-    if reused is not None and stage is not None:
-        reused[stage] = found
-    if found:
-        logger.info("reusing %s (trained with this stage's config)", _final(output_dir))
-        return MultimodalDrafter.from_pretrained(_final(output_dir), target=target)
-    # "auto": continue an interrupted run of this very stage, else start it
-    result = train_phase(config, phase, resume="auto", target=target, drafter=drafter, processor=processor,
-                         dataset=records)
-    return result.drafter
-
-
 def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_path: Path = DEFAULT_CONFIG,
              overrides: list[str] | None = None, seed: int = 0, recipe: Any = None,
-             compress: bool = False) -> dict[str, Any]:
+             compress: bool = False, heldout_seed: int | None = None,
+             sampled_answers: int | None = None, sampled_steps: int | None = None,
+             sampled_start: str | None = None) -> dict[str, Any]:
     """Run every stage (reusing finished ones) and write report.json / report.md / report.png under `out`.
 
+    `heldout_seed` (default `seed + 1`) picks the world the drafters are evaluated on: choices are made on a
+    validation world (2), the report shows another (1). `sampled_answers` / `sampled_steps` / `sampled_start`
+    override the size's recipe of the T = 1 drafter (see SIZES).
+
     `recipe` (a `WorldRecipe`) picks other world models than the shipped ones. `compress` adds the
-    compression study (massv.compress.study) under `out/compression`.
+    compression study (massv.pipelines.compression_study) under `out/compression`.
     """
+    from datasets import concatenate_datasets
+
     from massv.benchmarks import load_benchmark
+    from massv.pipelines.world import write_world
+    from massv.pipelines.world_models import load_world_models
     from massv.train.distill import generate_responses, load_distilled_records
     from massv.train.llava_data import load_llava_records
-    from massv.world import write_world
-    from massv.world_models import load_world_models
 
     started = time.perf_counter()
-    size = SIZES["quick" if quick else "full"]
+    size = dict(SIZES["quick" if quick else "full"])
+    for name, value in (("sampled_answers", sampled_answers), ("sampled_steps", sampled_steps),
+                        ("sampled_start", sampled_start)):
+        if value is not None:
+            size[name] = value
+    heldout_seed = seed + 1 if heldout_seed is None else heldout_seed
     out.mkdir(parents=True, exist_ok=True)
-    config = _demo_config(config_path, out, size, overrides or [])  # config errors before any model loads
+    config = demo_config(config_path, out, size, overrides or [])  # config errors before any model loads
     timings: dict[str, float] = {}
     reused: dict[str, bool] = {}
 
@@ -183,57 +204,84 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
     image_size = world_models.recipe.image_size
     write_world(world_dir, "pretrain", size["pretrain"], seed, image_size=image_size)
     write_world(world_dir, "train", size["train"], seed, image_size=image_size)
-    write_world(world_dir, "heldout", size["heldout"], seed + 1, image_size=image_size)
+    write_world(world_dir, "heldout", size["heldout"], heldout_seed, image_size=image_size)
     timed("world_data", start)
 
     _stage("phase 1: projector pretraining on captions")
     start = time.perf_counter()
     pretrain_records, _ = load_llava_records(world_dir / "pretrain.jsonl", world_dir)
     fresh = MultimodalDrafter.from_target(target, copy.deepcopy(text_lm), len(world_models.tokenizer))
-    phase1_drafter = _train_or_load(config, 1, target, fresh, processor, pretrain_records, reused, "phase1")
+    phase1_drafter = train_or_load(config, 1, target, fresh, processor, pretrain_records, reused, "phase1")
     timed("phase1", start)
 
-    _stage("self-distillation: the target answers the training prompts")
+    _stage("self-distillation: the target answers the training prompts (greedy, then sampled)")
     start = time.perf_counter()
     train_records, _ = load_llava_records(world_dir / "train.jsonl", world_dir)
-    reused["distill"] = generate_responses(config, target=target, processor=processor, records=train_records).generated == 0
-    distilled, _ = load_distilled_records(config.data.distilled_dir, world_dir, num_workers=0)
+    answer_sets = []
+    for index, settings in enumerate(answer_passes(config, size)):
+        stage = distill_stage(index)
+        pass_config = load_config(config.to_dict(), overrides=[
+            f"distill.temperature={settings['temperature']}", f"distill.seed={settings['seed']}",
+            f"data.distilled_dir={out / 'distilled' / keys[stage]}"])
+        result = generate_responses(pass_config, target=target, processor=processor, records=train_records)
+        reused[stage] = result.generated == 0
+        answer_sets.append(load_distilled_records(pass_config.data.distilled_dir, world_dir, num_workers=0)[0])
+    distilled, sampled_answers = answer_sets[0], answer_sets[1:]
     timed("distill", start)
 
-    _stage("phase 2: projector + LM on the target's answers")
+    _stage("phase 2: projector + LM on the target's greedy answers (the drafter for T = 0)")
     start = time.perf_counter()
-    phase2_start = MultimodalDrafter.from_pretrained(_final(config.phase1.output_dir), target=target)
-    massv_drafter = _train_or_load(config, 2, target, phase2_start, processor, distilled, reused, "phase2")
+    phase2_start = MultimodalDrafter.from_pretrained(final_dir(config.phase1.output_dir), target=target)
+    massv_drafter = train_or_load(config, 2, target, phase2_start, processor, distilled, reused, "phase2")
     timed("phase2", start)
+    massv_by_temperature = {0.0: massv_drafter, 1.0: massv_drafter}
+    if sampled_answers:
+        _stage("phase 2 on the target's sampled answers (the drafter for T = 1)")
+        start = time.perf_counter()
+        sampled_config = load_config(config.to_dict(), overrides=[
+            f"phase2.output_dir={out / 'phase2_sampled' / keys['phase2_sampled']}",
+            f"phase2.max_steps={size['sampled_steps']}"])
+        start_dir = final_dir(config.phase1.output_dir if size["sampled_start"] == "phase1" else config.phase2.output_dir)
+        sampled_start = MultimodalDrafter.from_pretrained(start_dir, target=target)
+        massv_by_temperature[1.0] = train_or_load(sampled_config, 2, target, sampled_start, processor,
+                                                  concatenate_datasets(sampled_answers), reused, "phase2_sampled")
+        timed("phase2_sampled", start)
 
     _stage("baseline (b): the text-only drafter tuned on the target's answers")
     start = time.perf_counter()
     text_config = load_config(config.to_dict(), overrides=[
         f"phase2.output_dir={out / 'phase2_text_only' / keys['text_only_tuned']}"])
     text_start = MultimodalDrafter.from_target(target, copy.deepcopy(text_lm), len(world_models.tokenizer))
-    tuned_text_lm = _train_or_load(text_config, 2, target, text_start, processor, _text_only_records(distilled),
+    tuned_text_lm = train_or_load(text_config, 2, target, text_start, processor, _text_only_records(distilled),
                                    reused, "text_only_tuned").language_model
     timed("text_only_tuned", start)
 
     _stage("evaluation on the held-out split")
     start = time.perf_counter()
     samples = load_benchmark("world", world_dir, split="heldout")
-    drafters = {"text_only": text_lm, "text_only_tuned": tuned_text_lm, "massv_phase1": phase1_drafter, "massv": massv_drafter}
     results: dict[str, dict[str, EvalSummary]] = {}
     baseline_cache: dict[tuple[Any, ...], tuple[list[int], float]] = {}
     for temperature in (0.0, 1.0):
-        for name, drafter in drafters.items():
-            settings = EvalSettings(num_draft_tokens=5, temperature=temperature, max_new_tokens=size["max_new_tokens"], seed=seed)
-            summary, rows = evaluate_samples(target, drafter, processor, samples, settings,
-                                             description=f"{name} T={temperature:g}", baseline_cache=baseline_cache)
-            results.setdefault(name, {})[f"T={temperature:g}"] = summary
+        drafters = {"text_only": text_lm, "text_only_tuned": tuned_text_lm, "massv_phase1": phase1_drafter,
+                    "massv": massv_by_temperature[temperature]}
+        settings = EvalSettings(num_draft_tokens=5, temperature=temperature, max_new_tokens=size["max_new_tokens"], seed=seed)
+        rows_by_drafter: dict[str, list[dict[str, Any]]] = {name: [] for name in drafters}
+        # Sample by sample, every drafter right after the target's own (timed) run: on a shared CPU the load
+        # drifts within minutes, and a speedup compares two timings that should see the same load.
+        for index, sample in enumerate(tqdm(samples, desc=f"evaluation T={temperature:g}", unit="sample")):
+            for name, drafter in drafters.items():
+                _, rows = evaluate_samples(target, drafter, processor, [sample], settings, baseline_cache=baseline_cache,
+                                           indices=[index], progress=False)
+                rows_by_drafter[name] += rows
+        for name, rows in rows_by_drafter.items():
+            results.setdefault(name, {})[f"T={temperature:g}"] = summarize(rows, settings)
             _write_rows(out / "samples" / f"{name}_T{temperature:g}.jsonl", rows)
     timed("evaluation", start)
 
     # ---- --compress: MAL vs MACs of a deeper MASSV drafter, pruned / sparse, with and without recovery ----
     compression = None
     if compress:
-        from massv.compress.study import run_compression_study
+        from massv.pipelines.compression_study import run_compression_study
 
         _stage("compression study: dense / layer-pruned / sparse drafters, with and without recovery")
         start = time.perf_counter()
@@ -243,19 +291,31 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
     # ---- end --compress ----
 
     report = _report(results, world_models, size, timings, time.perf_counter() - started, quick)
+    report["seeds"] = {"train": seed, "heldout": heldout_seed}
+    report["massv_drafters"] = {
+        "T=0": "phase2: phase 1 + phase 2 on the target's greedy answers",
+        "T=1": (f"phase2_sampled: {size['sampled_start']} + {size['sampled_steps']} phase-2 steps on "
+                f"{size['sampled_answers']} answer(s) per prompt sampled at T = {SAMPLED_TEMPERATURE:g}")
+        if sampled_answers else "phase2 (the same drafter as at T = 0)"}
     report["stages"] = {stage: {"key": keys[stage], "reused": reused.get(stage, False)} for stage in keys}
     if compression is not None:
         report["compression"] = compression
-    _record_in_model_card(_final(config.phase2.output_dir), results)
+    _record_in_model_card(final_dir(config.phase2.output_dir), results, "T=0" if sampled_answers else None)
+    if sampled_answers:
+        _record_in_model_card(final_dir(out / "phase2_sampled" / keys["phase2_sampled"]), results, "T=1")
     _write_report(out, report)
     return report
 
 
-def _record_in_model_card(drafter_dir: Path, results: dict[str, dict[str, EvalSummary]]) -> None:
-    """Full MASSV's MAL at both temperatures, in its drafter's model card."""
-    from massv.model_card import evaluation_entry, record_evaluation
+def _record_in_model_card(drafter_dir: Path, results: dict[str, dict[str, EvalSummary]],
+                          temperature: str | None = None) -> None:
+    """Full MASSV's MAL in its drafter's model card: at `temperature`, the one it serves, or at both (None)."""
+    from massv.drafter import record_evaluation
+    from massv.model_card import evaluation_entry
 
-    for summary in results["massv"].values():
+    for temp, summary in results["massv"].items():
+        if temperature is not None and temp != temperature:
+            continue
         record_evaluation(drafter_dir, evaluation_entry("world (held-out)", asdict(summary)))
 
 
@@ -276,6 +336,9 @@ def _report(results: dict[str, dict[str, EvalSummary]], world_models: Any, size:
         "world_models": {"recipe_hash": world_models.recipe.hash(), "metrics": world_models.metrics},
         "results": {name: {temp: asdict(summary) for temp, summary in by_temp.items()} for name, by_temp in results.items()},
         "mal_ratio_massv_vs_text_only_greedy": greedy_mal["massv"] / greedy_mal["text_only"] if greedy_mal["text_only"] else None,
+        "mal_ratio_massv_vs_text_only": {
+            temp: results["massv"][temp].mean_accepted_length / results["text_only"][temp].mean_accepted_length
+            for temp in results["text_only"] if results["text_only"][temp].mean_accepted_length},
         "lossless": {"checked": checked, "mismatches": mismatches},
         "stage_seconds": timings,
         "total_seconds": round(total_seconds, 1),
@@ -301,16 +364,37 @@ def _markdown(report: dict[str, Any]) -> str:
                 f"{summary['mean_accepted_drafts']:.2f} | {100 * summary['acceptance_rate']:.1f}% | "
                 f"{summary['speedup']:.2f}x | {lossless} |"
             )
-    ratio = report["mal_ratio_massv_vs_text_only_greedy"]
+    lines += [""] + [f"MAL(full MASSV) / MAL(text-only drafter), T = {temp[2:]}: **{ratio:.3f}x**"
+                     for temp, ratio in report["mal_ratio_massv_vs_text_only"].items()]
+    if "massv_drafters" in report:
+        lines += ["", "(d) full MASSV, one drafter per serving temperature: "
+                  + "; ".join(f"{temp.replace('=', ' = ')}: {what}" for temp, what in report["massv_drafters"].items()) + "."]
+    text_only = report["results"]["text_only"]
+    lines += ["", f"(a) text-only drafter, speedup over the target alone: T = 0 {text_only['T=0']['speedup']:.2f}x, "
+              f"T = 1 {text_only['T=1']['speedup']:.2f}x (T = 1 / T = 0: "
+              f"{text_only['T=1']['speedup'] / text_only['T=0']['speedup']:.2f})."]
     lines += [
         "",
-        f"MAL(full MASSV) / MAL(text-only drafter), greedy: **{ratio:.3f}x**" if ratio else "",
         f"Greedy outputs identical to the target's own: {report['lossless']['checked'] - report['lossless']['mismatches']}"
         f"/{report['lossless']['checked']}.",
         "",
         "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in report["stage_seconds"].items()),
     ]
+    lines += _world_target_table(report["world_models"])
     return "\n".join(lines) + "\n"
+
+
+def _world_target_table(world_models: dict[str, Any]) -> list[str]:
+    """The world target's held-out exact match per task, next to the blind text LM's: how much of each answer
+    only the image carries (measured on the saved weights when they were trained; massv/assets/world)."""
+    heldout = (world_models.get("metrics") or {}).get("heldout")
+    if not heldout:
+        return []
+    lines = ["", f"World models {world_models['recipe_hash']}: held-out exact match by task (greedy)", "",
+             "| task | n | target | text-only LM |", "|---|---|---|---|"]
+    for task, row in heldout["target"].items():
+        lines.append(f"| {task} | {row['n']} | {100 * row['exact']:.1f}% | {100 * heldout['text_lm'][task]['exact']:.1f}% |")
+    return lines
 
 
 def _plot(out: Path, report: dict[str, Any]) -> None:
@@ -359,12 +443,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-scratch", action="store_true", help="retrain the world target and text LM too")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     add_override_argument(parser, "phase2.learning_rate=5e-4")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="world seed of the training splits")
+    parser.add_argument("--heldout-seed", type=int, default=None,
+                        help="world seed of the held-out split (default: --seed + 1; 2 is the validation world)")
+    parser.add_argument("--sampled-answers", type=int, default=None,
+                        help="answers per training prompt the target samples for the T = 1 drafter; 0: one drafter "
+                        "(greedy-distilled) for both temperatures (default: the size's)")
+    parser.add_argument("--sampled-steps", type=int, default=None, help="phase-2 steps of the T = 1 drafter")
+    parser.add_argument("--sampled-start", choices=("phase1", "phase2"), default=None,
+                        help="the T = 1 drafter starts from the phase-1 drafter or the greedy-distilled one")
     parser.add_argument("--compress", action="store_true",
-                        help="also the compression study: MAL vs MACs of pruned / sparse drafters (massv.compress.study)")
+                        help="also the compression study: MAL vs MACs of pruned / sparse drafters (massv.pipelines.compression_study)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = args.out / "quick" if args.quick and args.out == Path("runs/demo") else args.out
     report = run_demo(out, quick=args.quick, from_scratch=args.from_scratch, config_path=args.config,
-                      overrides=args.override, seed=args.seed, compress=args.compress)
+                      overrides=args.override, seed=args.seed, compress=args.compress,
+                      heldout_seed=args.heldout_seed, sampled_answers=args.sampled_answers,
+                      sampled_steps=args.sampled_steps, sampled_start=args.sampled_start)
     return 1 if report["lossless"]["mismatches"] else 0

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -38,8 +37,13 @@ import torch
 
 from massv.compress.calibration import Sample, prepare_batches
 from massv.compress.recipe import mean_sequence_length
-from massv.compress.table import DEFAULT_VARIANTS, CompressionRow, Variant, compression_table
-from massv.io import discard_staging, publish_directory
+from massv.compress.table import (
+    DEFAULT_VARIANTS,
+    CompressionRow,
+    Variant,
+    compression_table,
+)
+from massv.io import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +101,7 @@ def train_study_text_lm(recipe: Any, tokenizer: Any, directory: Path, progress: 
     """
     from transformers import Qwen2ForCausalLM
 
-    from massv.world_models import build_world_text_lm, train_text_lm
+    from massv.pipelines.world_models import build_world_text_lm, train_text_lm
 
     marker = directory / STUDY_LM_MARKER
     if marker.is_file() and json.loads(marker.read_text()).get("recipe_hash") == recipe.hash():
@@ -106,17 +110,11 @@ def train_study_text_lm(recipe: Any, tokenizer: Any, directory: Path, progress: 
     started = time.perf_counter()
     text_lm = build_world_text_lm(recipe, tokenizer)
     losses = train_text_lm(text_lm, tokenizer, recipe, progress)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as staging:  # replaces an unfinished or stale copy under the study's key
         text_lm.save_pretrained(staging)
         info = {"recipe_hash": recipe.hash(), "recipe": recipe.to_dict(), "seconds": time.perf_counter() - started,
                 "final_loss": statistics.fmean(losses[-50:])}
         (staging / STUDY_LM_MARKER).write_text(json.dumps(info, indent=2) + "\n")
-        publish_directory(staging, directory)  # replaces an unfinished or stale copy under the study's key
-    except BaseException:
-        discard_staging(staging)
-        raise
     return text_lm.eval()
 
 
@@ -140,15 +138,16 @@ def _study_config(config_path: Path, stage_dir: Path, size: StudySize, overrides
 def _massv_drafter(config: Any, world_models: Any, text_lm: Any, pretrain_records: Any, distilled_records: Any) -> Any:
     """Phase 1 (projector on captions) then phase 2 (projector + LM on the target's answers); finished
     phases are loaded, not retrained."""
-    from massv.demo import _final, _train_or_load
+    from massv.config import final_dir
     from massv.drafter import MultimodalDrafter
+    from massv.pipelines.stages import is_trained, train_or_load
 
     target, processor = world_models.target, world_models.processor
-    if not (_final(config.phase1.output_dir) / "massv_drafter.json").is_file():
+    if not is_trained(config.phase1.output_dir):
         fresh = MultimodalDrafter.from_target(target, copy.deepcopy(text_lm), len(world_models.tokenizer))
-        _train_or_load(config, 1, target, fresh, processor, pretrain_records)
-    phase2_start = MultimodalDrafter.from_pretrained(_final(config.phase1.output_dir), target=target)
-    drafter = _train_or_load(config, 2, target, phase2_start, processor, distilled_records)
+        train_or_load(config, 1, target, fresh, processor, pretrain_records)
+    phase2_start = MultimodalDrafter.from_pretrained(final_dir(config.phase1.output_dir), target=target)
+    drafter = train_or_load(config, 2, target, phase2_start, processor, distilled_records)
     return drafter.eval()
 
 

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from massv.world import DEFAULT_IMAGE_SIZE, SPLITS, write_world
+from massv.pipelines.world import DEFAULT_IMAGE_SIZE, SPLITS, write_world
 
 logger = logging.getLogger(__name__)
 
