@@ -235,7 +235,8 @@ def test_export_turns_checkpoints_into_drafters_equal_to_final(tmp_path):
 def test_resuming_a_finished_run_leaves_its_final_drafter_and_model_card_alone(tmp_path):
     """`--resume` on a finished run trains nothing and must not rewrite final/: the model card's MAL rows
     (`massv eval --record-in-model-card`) were lost when it did. A final/ that does not read back is rewritten."""
-    from massv.model_card import evaluation_entry, record_evaluation
+    from massv.drafter import record_evaluation
+    from massv.model_card import evaluation_entry
     from massv.preflight import check_drafter_dir
 
     data_json, image_root = write_llava(tmp_path, 4)

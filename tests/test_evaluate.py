@@ -275,8 +275,8 @@ def test_both_sides_decode_with_the_same_resolved_settings(tiny_pair, tmp_path, 
 @pytest.mark.parametrize("strategy", ["tree", "adaptive"])
 def test_eval_strategy_flag_reaches_the_engine(saved_models, tmp_path, qwen_only, strategy):
     """`massv eval --strategy` drafts trees / adaptive chains, still lossless, and records the choice."""
-    code, summary, rows = _run(saved_models, tmp_path, "--benchmark", "world", "--world-seed", "90817", "--world-num",
-                               "2", "--strategy", strategy, "--tree-size", "5", "--tree-depth", "3")
+    code, summary, rows = _run(saved_models, tmp_path, *_world_args(tmp_path, 2, 90817), "--strategy", strategy,
+                               "--tree-size", "5", "--tree-depth", "3")
     assert code == 0
     assert summary["lossless_checked"] == 2 and summary["lossless_mismatches"] == 0
     assert summary["settings"]["strategy"] == strategy
