@@ -26,10 +26,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from massv.chat import prompt_inputs
 from massv.config import RunConfig, final_dir, load_config
 from massv.drafter import MultimodalDrafter
 from massv.evaluate import EvalSettings, EvalSummary, evaluate_samples, summarize
+from massv.families import get_adapter
 from massv.pipelines.stages import train_or_load
+from massv.speculative.strategy import AdaptiveLength, TreeShape
+from massv.strategy_eval import StrategyRun, compare_strategies, target_references
+from massv.train.llava_data import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -278,6 +283,11 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
             _write_rows(out / "samples" / f"{name}_T{temperature:g}.jsonl", rows)
     timed("evaluation", start)
 
+    _stage("drafting strategies with the full MASSV drafter: chain, adaptive chain, tree")
+    start = time.perf_counter()
+    strategies = strategy_rows(target, massv_by_temperature, processor, samples, size["max_new_tokens"], seed)
+    timed("strategies", start)
+
     # ---- --compress: MAL vs MACs of a deeper MASSV drafter, pruned / sparse, with and without recovery ----
     compression = None
     if compress:
@@ -298,6 +308,10 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
                 f"{size['sampled_answers']} answer(s) per prompt sampled at T = {SAMPLED_TEMPERATURE:g}")
         if sampled_answers else "phase2 (the same drafter as at T = 0)"}
     report["stages"] = {stage: {"key": keys[stage], "reused": reused.get(stage, False)} for stage in keys}
+    report["strategies"] = strategies
+    greedy_strategy_rows = strategies["T=0"]
+    report["lossless"]["checked"] += sum(row["requests"] for row in greedy_strategy_rows)
+    report["lossless"]["mismatches"] += sum(row["requests"] - row["identical"] for row in greedy_strategy_rows)
     if compression is not None:
         report["compression"] = compression
     _record_in_model_card(final_dir(config.phase2.output_dir), results, "T=0" if sampled_answers else None)
@@ -305,6 +319,25 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
         _record_in_model_card(final_dir(out / "phase2_sampled" / keys["phase2_sampled"]), results, "T=1")
     _write_report(out, report)
     return report
+
+
+def strategy_rows(target: Any, massv_by_temperature: dict[float, Any], processor: Any, samples: list[Any],
+                  max_new_tokens: int, seed: int) -> dict[str, list[dict[str, Any]]]:
+    """The full MASSV drafter of each temperature under a γ = 5 chain, an adaptive chain and the default tree,
+    on the held-out prompts, one timed pass interleaved with the target alone; greedy rows checked against
+    the target's own output."""
+    adapter = get_adapter(target.config)
+    cases = [prompt_inputs(processor, adapter.user_messages(sample.prompt), [load_image(sample.image_path, sample.sample_id)])
+             for sample in samples]
+    runs = [StrategyRun("chain γ=5", "chain", 5), StrategyRun("adaptive", "adaptive", 5, adaptive=AdaptiveLength()),
+            StrategyRun("tree (default)", "tree", tree=TreeShape())]
+    references = target_references(target, cases, max_new_tokens)
+    rows = {}
+    for temperature, drafter in massv_by_temperature.items():
+        rows[f"T={temperature:g}"], _ = compare_strategies(
+            target, drafter, processor, cases, runs, temperature, max_new_tokens,
+            references=references if temperature == 0 else None, repeats=1, seed=seed)
+    return rows
 
 
 def _record_in_model_card(drafter_dir: Path, results: dict[str, dict[str, EvalSummary]],
@@ -380,8 +413,23 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in report["stage_seconds"].items()),
     ]
+    lines += _strategy_table(report.get("strategies", {}))
     lines += _world_target_table(report["world_models"])
     return "\n".join(lines) + "\n"
+
+
+def _strategy_table(strategies: dict[str, list[dict[str, Any]]]) -> list[str]:
+    if not strategies:
+        return []
+    lines = ["", "(d) full MASSV under each drafting strategy (one timed pass, interleaved with the target alone)", "",
+             "| strategy | T | tokens / target forward | acceptance rate | tok/s | speedup vs target | lossless |",
+             "|---|---|---|---|---|---|---|"]
+    for temperature, rows in strategies.items():
+        for row in rows:
+            lossless = f"{row['identical']}/{row['requests']} identical" if row["identical"] is not None else "sampled"
+            lines.append(f"| {row['name']} | {temperature.removeprefix('T=')} | {row['tokens_per_target_forward']:.2f} | "
+                         f"{row['acceptance_rate']:.1%} | {row['tokens_per_second']:.1f} | {row['speedup']:.2f}x | {lossless} |")
+    return lines
 
 
 def _world_target_table(world_models: dict[str, Any]) -> list[str]:
