@@ -111,7 +111,9 @@ class EvalSummary:
 # --------------------------------------------------------------------------------------------------
 
 
-def _inputs_for(processor: Any, adapter: Any, sample: BenchmarkSample) -> Any:
+def sample_inputs(processor: Any, adapter: Any, sample: BenchmarkSample) -> Any:
+    """The processor outputs of one benchmark sample, as the target's own chat template builds them (the image
+    read with `load_image`: a missing or corrupt one raises `ImageError`)."""
     image = load_image(sample.image_path, sample.sample_id)
     return prompt_inputs(processor, adapter.user_messages(sample.prompt), [image])  # no second <bos>
 
@@ -162,7 +164,7 @@ def evaluate_samples(target: Any, drafter: Any, processor: Any, samples: list[Be
             rows.append(completed[sample.sample_id])
             continue
         try:
-            inputs = _inputs_for(processor, adapter, sample)
+            inputs = sample_inputs(processor, adapter, sample)
         except ImageError as error:
             if not skip_bad_images:
                 raise BadImageError(f"sample {sample.sample_id}: {error.reason or error} ({sample.image_path}); "

@@ -58,7 +58,7 @@ def test_bos_adding_tokenizer_gets_the_templates_bos_once_in_every_path(tmp_path
     # massv eval's prompts.
     sample = BenchmarkSample("s0", tmp_path / "s0.png", "Describe the image.", None)
     image.save(sample.image_path)
-    assert torch.equal(evaluate._inputs_for(processor, adapter, sample)["input_ids"], inputs["input_ids"])
+    assert torch.equal(evaluate.sample_inputs(processor, adapter, sample)["input_ids"], inputs["input_ids"])
 
     # Distillation: what the target's generate() is given.
     seen: list[torch.Tensor] = []

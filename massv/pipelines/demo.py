@@ -26,15 +26,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from massv.chat import prompt_inputs
 from massv.config import RunConfig, final_dir, load_config
 from massv.drafter import MultimodalDrafter
-from massv.evaluate import EvalSettings, EvalSummary, evaluate_samples, summarize
+from massv.evaluate import EvalSettings, EvalSummary, evaluate_samples, sample_inputs, summarize
 from massv.families import get_adapter
 from massv.pipelines.stages import train_or_load
 from massv.speculative.strategy import AdaptiveLength, TreeShape
 from massv.strategy_eval import StrategyRun, compare_strategies, target_references
-from massv.train.llava_data import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -327,8 +325,7 @@ def strategy_rows(target: Any, massv_by_temperature: dict[float, Any], processor
     on the held-out prompts, one timed pass interleaved with the target alone; greedy rows checked against
     the target's own output."""
     adapter = get_adapter(target.config)
-    cases = [prompt_inputs(processor, adapter.user_messages(sample.prompt), [load_image(sample.image_path, sample.sample_id)])
-             for sample in samples]
+    cases = [sample_inputs(processor, adapter, sample) for sample in samples]
     runs = [StrategyRun("chain γ=5", "chain", 5), StrategyRun("adaptive", "adaptive", 5, adaptive=AdaptiveLength()),
             StrategyRun("tree (default)", "tree", tree=TreeShape())]
     references = target_references(target, cases, max_new_tokens)
