@@ -162,6 +162,27 @@ class LoraConfig:
             yield "target_modules", "must name at least one module"
 
 
+@dataclass
+class LogitDistillationConfig:
+    """Phase 2 on the target's distribution, not only its answers (`massv.train.soft_labels`).
+
+    The loss is (1 - weight) x cross-entropy on the answer tokens + weight x KL(target || drafter) over the
+    target's `top_k` most probable ids at each answer position, both softened by `temperature`.
+    """
+
+    weight: float = 1.0
+    top_k: int = 50  # Hugging Face's default sampling top-k: the exact distribution a T = 1 target draws from
+    temperature: float = 1.0
+
+    def _problems(self) -> Iterator[tuple[str, str]]:
+        if not 0 <= self.weight <= 1:
+            yield "weight", "must be in [0, 1] (0: answers only, 1: the target's distribution only)"
+        if self.top_k < 1:
+            yield "top_k", "must be >= 1"
+        if self.temperature <= 0:
+            yield "temperature", "must be > 0"
+
+
 # Accelerate's tracker names (accelerate.utils.LoggerType), listed here so a typo fails at config load.
 TRACKERS = ("all", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
@@ -197,6 +218,8 @@ class TrainingConfig:
     # trackio, or all (every one installed). <output_dir>/metrics.jsonl is written whatever this says.
     report_to: str | list[str] | None = None
     lora: LoraConfig | None = None  # phase 2 only: phase 1 trains the projector alone
+    # Phase 2 only: also learn the target's next-token distribution (soft labels). None: its answers only.
+    logit_distillation: LogitDistillationConfig | None = None
     gradient_checkpointing: bool = False
     # How long a collective (a barrier while the main process preprocesses or saves) waits before the job is
     # killed; torch's default for NCCL is 10 minutes.
@@ -410,6 +433,9 @@ def load_config(
     _check_across_sections(config, where)
     if config.phase1.lora is not None:
         logger.warning("phase1.lora is set but phase 1 trains only the projector; it will be ignored")
+    if config.phase1.logit_distillation is not None:
+        logger.warning("phase1.logit_distillation is set but phase 1 trains on captions, not on the target's "
+                       "answers; it will be ignored")
     return config
 
 

@@ -262,20 +262,22 @@ class MultimodalDrafter(nn.Module):
                 image_inputs: dict[str, torch.Tensor] | None = None, image_features: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, past_key_values: Any = None,
                 position_ids: torch.Tensor | None = None, use_cache: bool | None = None,
-                logits_to_keep: int = 0, cache_position: torch.Tensor | None = None) -> CausalLMOutputWithPast:
+                logits_to_keep: int = 0, cache_position: torch.Tensor | None = None,
+                soft_labels: Any = None) -> CausalLMOutputWithPast:
         """Like an HF causal LM's forward, plus the image (raw `image_inputs` or precomputed features).
 
         Without `labels`: logits, where ids the drafter must never propose (padding rows) are -inf.
         With `labels` (training): only the loss, mean cross-entropy over the tokens whose label is not -100,
         computed from the LM head at those positions alone (`massv.train.loss`); `logits` is None, because
-        full-vocabulary logits at every position are the largest tensor of a training step.
+        full-vocabulary logits at every position are the largest tensor of a training step. `soft_labels` (a
+        `massv.train.loss.SoftLabelBatch`) mixes in KL to the target's distribution at those positions.
         """
         if image_features is None and image_inputs is not None and bool((input_ids == self.config.image_token_id).any()):
             image_features = self.encode_images(image_inputs)
         inputs_embeds = self.embed(input_ids, image_features)
         if labels is not None:
             return self._loss_forward(inputs_embeds, attention_mask, position_ids, labels, past_key_values,
-                                      use_cache, used_projector=image_features is not None)
+                                      use_cache, used_projector=image_features is not None, soft_labels=soft_labels)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, past_key_values=past_key_values,
             position_ids=position_ids, use_cache=use_cache, logits_to_keep=logits_to_keep,
@@ -289,7 +291,7 @@ class MultimodalDrafter(nn.Module):
 
     def _loss_forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
                       position_ids: torch.Tensor | None, labels: torch.Tensor, past_key_values: Any,
-                      use_cache: bool | None, used_projector: bool) -> CausalLMOutputWithPast:
+                      use_cache: bool | None, used_projector: bool, soft_labels: Any = None) -> CausalLMOutputWithPast:
         """The LM body, then the head only where labels are set; DDP-safe when no image was projected."""
         from massv.train.loss import answer_token_loss
 
@@ -298,7 +300,7 @@ class MultimodalDrafter(nn.Module):
                        past_key_values=past_key_values, use_cache=use_cache)
         softcap = getattr(self.language_model.config, "final_logit_softcapping", None)
         loss = answer_token_loss(outputs.last_hidden_state, labels, self.language_model.get_output_embeddings(),
-                                 self.config.draftable_vocab_size, softcap)
+                                 self.config.draftable_vocab_size, softcap, soft_labels=soft_labels)
         if not used_projector and torch.is_grad_enabled():
             # A micro-batch without images leaves the projector out of the graph. Under DDP every process must
             # produce a gradient for every trainable weight in each step, or the gradient all-reduce of a

@@ -92,11 +92,13 @@ def load_phase_records(config: RunConfig, phase: int) -> tuple[Dataset, LoadRepo
 
 def resolve_objects(config: RunConfig, phase: int, target: PreTrainedModel | None = None,
                     drafter: MultimodalDrafter | None = None, processor: ProcessorMixin | None = None,
+                    release_language_model: bool = True,
                     ) -> tuple[PreTrainedModel | None, MultimodalDrafter, ProcessorMixin]:
     """Use the objects given (tests, demo) and build the missing ones from `config.model`.
 
     Phase 1 builds a fresh drafter around the drafter LM; phase 2 loads phase 1's finished drafter. A target
-    built here keeps only its vision modules (see `release_unused_target_weights`); a given one is left whole.
+    built here keeps only its vision modules (see `release_unused_target_weights`) unless
+    `release_language_model` is False (soft labels need the whole target); a given one is left whole.
     """
     drafter_lm = None
     built_here = False
@@ -111,7 +113,7 @@ def resolve_objects(config: RunConfig, phase: int, target: PreTrainedModel | Non
             drafter = build_drafter(config.model, target, drafter_lm, processor)
         else:
             drafter = load_phase1_drafter(config, target)
-    if built_here:
+    if built_here and release_language_model:
         release_unused_target_weights(target, drafter.vision_modules)
     return target, drafter, processor
 

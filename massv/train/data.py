@@ -43,6 +43,7 @@ from transformers import ProcessorMixin
 
 from massv.chat import encode_rendered, render_chat, tokenize_rendered
 from massv.families import FamilyAdapter
+from massv.train.loss import SoftLabelBatch
 from massv.train.llava_data import GPT, HUMAN, IMAGE_TOKEN, ImageError, load_image
 
 logger = logging.getLogger(__name__)
@@ -305,6 +306,7 @@ class DrafterDataset(torch.utils.data.Dataset):
             self.report.num_open_answers = int(sum(self.records["num_open_answers"]))
         self.lengths = list(self.records["num_tokens"]) if keep else []
         self.image_features: dict[str, torch.Tensor] | None = None  # see cache_image_features
+        self.soft_labels: list[Any] | None = None  # see attach_soft_labels
         for what, dropped in (("an image block longer than max_length", self.report.too_long),
                               ("an unreadable image", self.report.bad_images),
                               ("an answer cut at max_new_tokens (truncated_answers: drop)", self.report.truncated)):
@@ -327,14 +329,27 @@ class DrafterDataset(torch.utils.data.Dataset):
         return encode_example(record["conversations"], image, self.processor, self.adapter, self.max_length,
                               record.get("truncated") or [], self.truncated_answers)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def encoded(self, index: int) -> EncodedExample:
+        """Example `index` as the target's processor encodes it (image loaded and preprocessed)."""
         record = self.records[index]
         image = load_image(record["image_path"], record["id"]) if record["image_path"] else None
-        example = self._encode(record, image)
+        return self._encode(record, image)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = self.encoded(index)
         item = {"input_ids": example.input_ids, "labels": example.labels, "image_inputs": example.image_inputs}
-        if self.image_features is not None and record["image_path"]:
-            item["image_inputs"], item["image_features"] = None, self.image_features[record["image_path"]]
+        image_path = self.records[index]["image_path"]
+        if self.image_features is not None and image_path:
+            item["image_inputs"], item["image_features"] = None, self.image_features[image_path]
+        if self.soft_labels is not None:
+            item["soft_labels"] = self.soft_labels[index]
         return item
+
+    def attach_soft_labels(self, soft_labels: Sequence[Any]) -> None:
+        """Serve each example with the target's distribution at its answer positions (`massv.train.soft_labels`)."""
+        if len(soft_labels) != len(self):
+            raise ValueError(f"{len(soft_labels)} soft labels for {len(self)} examples")
+        self.soft_labels = list(soft_labels)
 
     def cache_image_features(self, encode: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> None:
         """Run the frozen vision encoder once per distinct image and serve its features instead of pixels.
@@ -367,6 +382,8 @@ class DrafterCollator:
 
     pad_token_id: int
     image_input_names: tuple[str, ...]
+    soft_label_weight: float = 0.0  # with soft labels: the loss's share of KL(target || drafter)
+    soft_label_temperature: float = 1.0
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         max_len = max(int(example["input_ids"].shape[0]) for example in examples)
@@ -379,6 +396,11 @@ class DrafterCollator:
             labels[row, :length] = example["labels"]
             attention_mask[row, :length] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if examples[0].get("soft_labels") is not None:  # rows in the loss's order: sample by sample, position order
+            batch["soft_labels"] = SoftLabelBatch(
+                ids=torch.cat([example["soft_labels"].ids for example in examples]).long(),
+                logprobs=torch.cat([example["soft_labels"].logprobs for example in examples]),
+                weight=self.soft_label_weight, temperature=self.soft_label_temperature)
         cached = [example["image_features"] for example in examples if example.get("image_features") is not None]
         if cached:  # precomputed features (num_image_tokens, dim) per sample: row order = placeholder order
             batch["image_features"] = torch.cat(cached)

@@ -4,6 +4,8 @@ The drafter, starting from phase 1's projector, is fine-tuned on the TARGET's ow
 prompts (`massv distill` writes them): speculative decoding rewards matching the target's distribution, not
 the original dataset's answers. The vision encoder stays frozen. With `phase2.lora` set, the LM is tuned
 through low-rank adapters (peft) that are merged into it before saving, so the result is a plain drafter.
+With `phase2.logit_distillation` set, it also learns the target's distribution at every answer position (soft
+labels from one teacher-forced target pass, `massv.train.soft_labels`).
 
     python -m massv.train --config configs/qwen2_5_vl_7b.yaml --phase 2 [--resume]
 """
@@ -18,9 +20,10 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from massv.config import LoraConfig, RunConfig
 from massv.drafter import MultimodalDrafter
-from massv.train.builders import resolve_objects
+from massv.train.builders import release_unused_target_weights, resolve_objects
 from massv.train.loop import make_accelerator, train_loop
 from massv.train.phase_run import PhaseResult, prepare_training, save_final_drafter
+from massv.train.soft_labels import attach_soft_labels
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +51,18 @@ def run(config: RunConfig, *, resume: bool = False, target: PreTrainedModel | No
     # ---- 1. setup: every object built once (what is not given comes from the config) ----
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
-    target, drafter, processor = resolve_objects(config, 2, target, drafter, processor)
+    built_target = target is None
+    distilling = cfg.logit_distillation is not None  # soft labels need the target's language model, not only its eyes
+    target, drafter, processor = resolve_objects(config, 2, target, drafter, processor,
+                                                 release_language_model=not distilling)
     drafter.set_trainable("phase2")  # projector + LM; vision encoder frozen
     if cfg.lora is not None:
         add_lora(drafter, cfg.lora)  # freezes the LM's own weights again, adapters train
     train_data, collator = prepare_training(config, 2, accelerator, drafter, processor, dataset, cache_image_features)
+    if distilling:
+        attach_soft_labels(config, accelerator, target, drafter, processor, train_data, collator, dataset)
+        if built_target:
+            release_unused_target_weights(target, drafter.vision_modules)
 
     # ---- 2. train ----
     result = train_loop(accelerator, drafter, train_data, collator, cfg, resume=resume,
