@@ -173,8 +173,11 @@ class LogitDistillationConfig:
     weight: float = 1.0
     top_k: int = 50  # Hugging Face's default sampling top-k: the exact distribution a T = 1 target draws from
     temperature: float = 1.0
+    batch_size: int = 8  # examples per teacher-forced target forward when the labels are computed
 
     def _problems(self) -> Iterator[tuple[str, str]]:
+        if self.batch_size < 1:
+            yield "batch_size", "must be >= 1"
         if not 0 <= self.weight <= 1:
             yield "weight", "must be in [0, 1] (0: answers only, 1: the target's distribution only)"
         if self.top_k < 1:

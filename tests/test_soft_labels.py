@@ -13,6 +13,7 @@ from massv.config import ConfigError, LogitDistillationConfig
 from massv.families import get_adapter
 from massv.train import train_phase
 from massv.train.builders import build_drafter, load_phase_records
+from massv.train.llava_data import load_llava_records
 from massv.train.loss import SoftLabelBatch, answer_token_loss
 from massv.train.soft_labels import SOFT_LABELS_FILE, example_soft_labels, supervised_positions
 from tests.conftest import random_image
@@ -61,6 +62,33 @@ def test_soft_labels_are_the_distribution_generate_sampled_from(family: str) -> 
                               LogitDistillationConfig(top_k=vocab_limit, temperature=2.0))
     torch.testing.assert_close(hot.logprobs.gather(1, torch.argsort(hot.ids.long())),
                                torch.log_softmax(step_logits.float() / 2.0, dim=-1), atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_soft_labels_equal_one_example_at_a_time(tmp_path: Path, family: str) -> None:
+    """Right-padded batches that mix image and text-only examples of different lengths give every example the
+    labels of its own forward (the model's own position handling, as in training)."""
+    from massv.train.builders import build_train_dataset
+    from massv.train.data import pad_token_id
+    from massv.train.soft_labels import batch_soft_labels
+
+    data_json, image_root = write_llava(tmp_path, 3, multi_turn=True, text_only=2)
+    config = tiny_config(tmp_path, family, data_json, image_root)
+    pair = build_pair(family)
+    drafter = build_drafter(config.model, pair.target, pair.drafter_lm, pair.processor)
+    records = load_llava_records(data_json, image_root, require_image=False, num_workers=0)[0]
+    data, _ = build_train_dataset(config, records, pair.processor, drafter)
+    examples = [data.encoded(index) for index in range(len(data))]
+    assert len({int(example.input_ids.shape[0]) for example in examples}) > 1
+    assert any(example.image_inputs is None for example in examples) and any(example.image_inputs for example in examples)
+    vocab = drafter.config.draftable_vocab_size
+    settings = LogitDistillationConfig(top_k=vocab)
+    batched = batch_soft_labels(pair.target, drafter.adapter, examples, vocab, settings, pad_token_id(pair.processor))
+    for example, labels in zip(examples, batched):
+        alone = example_soft_labels(pair.target, drafter.adapter, example.input_ids, example.labels,
+                                    example.image_inputs, vocab, settings)
+        by_id = lambda soft: soft.logprobs.gather(1, torch.argsort(soft.ids.long()))  # noqa: E731
+        torch.testing.assert_close(by_id(labels), by_id(alone), atol=2e-4, rtol=0)
 
 
 def test_soft_labels_give_ids_past_the_draftable_vocabulary_no_mass() -> None:

@@ -101,23 +101,55 @@ def _weights_digest(model: PreTrainedModel) -> str:
     return digest.hexdigest()
 
 
+@torch.no_grad()
+def batch_soft_labels(target: PreTrainedModel, adapter: FamilyAdapter, examples: list[Any], vocab_limit: int,
+                      settings: LogitDistillationConfig, pad_token_id: int) -> list[SoftLabels]:
+    """`example_soft_labels` of several examples in one right-padded forward (the model places the tokens
+    itself, as in training: padding sits after every real token, so no real token attends to it)."""
+    device = next(target.parameters()).device
+    length = max(int(example.input_ids.shape[0]) for example in examples)
+    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        input_ids[row, : example.input_ids.shape[0]] = example.input_ids
+        attention_mask[row, : example.input_ids.shape[0]] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    with_images = [example.image_inputs for example in examples if example.image_inputs is not None]
+    images = ({name: torch.cat([inputs[name] for inputs in with_images]).to(device) for name in adapter.image_input_names}
+              if with_images else {})
+    derived = {name: adapter.modality_type_ids(input_ids) for name in adapter.derived_input_names}
+    positions = [supervised_positions(example.labels) for example in examples]
+    kept = torch.unique(torch.cat(positions))  # sorted: one logits row per position any example needs
+    logits = target(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                    logits_to_keep=kept.to(device), **images, **derived).logits[..., :vocab_limit]
+    results = []
+    for row, rows in enumerate(positions):
+        picked = logits[row, torch.searchsorted(kept, rows).to(device)].float()
+        logprobs = torch.log_softmax(picked / settings.temperature, dim=-1)
+        top = logprobs.topk(min(settings.top_k, vocab_limit), dim=-1)
+        results.append(SoftLabels(ids=top.indices.to(torch.int32).cpu(), logprobs=torch.log_softmax(top.values, dim=-1).cpu()))
+    return results
+
+
 def compute_soft_labels(target: PreTrainedModel, adapter: FamilyAdapter, dataset: Any, vocab_limit: int,
-                        settings: LogitDistillationConfig) -> list[SoftLabels]:
-    """Soft labels of every example of `dataset` (a `DrafterDataset`), in its order."""
+                        settings: LogitDistillationConfig, pad_token_id: int = 0) -> list[SoftLabels]:
+    """Soft labels of every example of `dataset` (a `DrafterDataset`), in its order, `settings.batch_size`
+    examples per target forward."""
     was_training = target.training
     target.eval()
-    results = []
-    for index in tqdm(range(len(dataset)), desc="soft labels (target forward per example)", unit="example"):
-        example = dataset.encoded(index)
-        results.append(example_soft_labels(target, adapter, example.input_ids, example.labels, example.image_inputs,
-                                           vocab_limit, settings))
+    results: list[SoftLabels] = []
+    with tqdm(total=len(dataset), desc="soft labels (teacher-forced target)", unit="example") as progress:
+        for start in range(0, len(dataset), settings.batch_size):
+            examples = [dataset.encoded(index) for index in range(start, min(start + settings.batch_size, len(dataset)))]
+            results += batch_soft_labels(target, adapter, examples, vocab_limit, settings, pad_token_id)
+            progress.update(len(examples))
     target.train(was_training)
     return results
 
 
 def cached_soft_labels(target: PreTrainedModel, adapter: FamilyAdapter, dataset: Any, vocab_limit: int,
                        settings: LogitDistillationConfig, cache_dir: Path, preprocess_key: str,
-                       accelerator: Accelerator) -> list[SoftLabels]:
+                       accelerator: Accelerator, pad_token_id: int = 0) -> list[SoftLabels]:
     """`compute_soft_labels`, computed once by the main process and read from `cache_dir` by everyone."""
     key = soft_labels_key(preprocess_key, target, vocab_limit, settings)
     directory = cache_dir / f"soft-labels-{key}"
@@ -126,7 +158,7 @@ def cached_soft_labels(target: PreTrainedModel, adapter: FamilyAdapter, dataset:
             if not accelerator.is_main_process:
                 raise RuntimeError(f"the main process did not write {directory}: is data.cache_dir on a file system "
                                    "all processes share?")
-            labels = compute_soft_labels(target, adapter, dataset, vocab_limit, settings)
+            labels = compute_soft_labels(target, adapter, dataset, vocab_limit, settings, pad_token_id)
             _save(labels, directory, {"key": key, "num_examples": len(labels), "top_k": settings.top_k,
                                       "temperature": settings.temperature})
         else:
@@ -168,7 +200,8 @@ def attach_soft_labels(config: Any, accelerator: Accelerator, target: PreTrained
     if next(target.parameters()).device != device:
         target.to(device)
     labels = cached_soft_labels(target, drafter.adapter, train_data, drafter.config.draftable_vocab_size, settings,
-                                cache_root(config, config.phase2.output_dir), record_key, accelerator)
+                                cache_root(config, config.phase2.output_dir), record_key, accelerator,
+                                collator.pad_token_id)
     train_data.attach_soft_labels(labels)
     collator.soft_label_weight = settings.weight
     collator.soft_label_temperature = settings.temperature

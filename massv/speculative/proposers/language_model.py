@@ -186,7 +186,10 @@ class CausalLMProposer(Proposer):
         position_ids = torch.arange(self.cached, self.cached + num_new, device=self.device).unsqueeze(0)
         cache_kwargs = ({"past_key_values": self.cache} if self.static is None
                         else self.static.prompt_kwargs(self.cached, num_new))
-        outputs = self.model(
+        # After the prompt the ids are text the LM can embed (`_readable`): the LM itself, without the MASSV
+        # wrapper's image splice and its host syncs; logits past `draftable` are never read.
+        model = self.model if is_prompt else self.language_model
+        outputs = model(
             input_ids=input_ids, position_ids=position_ids, use_cache=True, logits_to_keep=1, **cache_kwargs,
             **(self._prompt_kwargs() if is_prompt else {}),
         )
@@ -200,7 +203,7 @@ class CausalLMProposer(Proposer):
         Returns `(q, vocab)` float logits, one row per node. For tree drafting (`proposers/tree.py`).
         """
         num_new = input_ids.shape[1]
-        outputs = self.model(
+        outputs = self.language_model(
             input_ids=self._readable(input_ids), position_ids=position_ids.view(1, -1), attention_mask=attention_mask,
             past_key_values=self.cache, use_cache=True, logits_to_keep=num_new,
         )

@@ -69,27 +69,27 @@ class TreeProposer(Proposer):
         self.root_slots = root_position = base.cached
         root_position -= 1
 
-        # Pool of candidate nodes: token, parent (pool index, -1 = root), depth, cumulative log-prob.
-        pool_tokens: list[torch.Tensor] = []
+        # Pool of candidate nodes: token and cumulative log-prob (tensors, grown one depth at a time), parent
+        # (pool index, -1 = root) and depth (host lists: the masks and the kept tree are built from them).
         pool_parent: list[int] = []
         pool_depth: list[int] = []
-        pool_scores: list[torch.Tensor] = []
         self._parent, self._depth = pool_parent, pool_depth  # read by `_masks`
         fed: list[int] = []  # pool indices in drafter cache order
         visible_slots: dict[int, list[int]] = {-1: []}  # fed node -> tree slots it sees (ancestors, itself)
         log_probs = self._log_probs(root_logits, None if seen is None else seen.unsqueeze(0))[0]
         values, ids = log_probs.topk(min(top_k, log_probs.shape[-1]))
-        self._add_children(pool_tokens, pool_parent, pool_depth, pool_scores, ids.view(1, -1), values.view(1, -1),
-                           [-1], 1)
-        frontier = list(range(len(pool_tokens)))
+        pool_tokens, pool_scores = ids, values
+        self._add_children(pool_parent, pool_depth, ids.numel(), [-1], 1)
+        frontier_start = 0  # the newest depth's nodes are the pool's tail
         forwards = 1
         eos = torch.tensor(sorted(request.eos_token_ids), dtype=torch.long, device=device)
         min_log_probability = math.log(self.shape.min_probability) if self.shape.min_probability > 0 else -math.inf
         for depth in range(2, depth_limit + 1):
-            expand, best = self._expandable(frontier, pool_tokens, pool_scores, eos, top_k)
+            expand, best = self._expandable(frontier_start, pool_tokens, pool_scores, eos, top_k)
             if not expand or best < min_log_probability:
                 break
-            node_ids = torch.stack([pool_tokens[index] for index in expand]).view(1, -1)
+            expand_index = torch.tensor(expand, dtype=torch.long, device=device)
+            node_ids = pool_tokens[expand_index].view(1, -1)
             positions = root_position + depth - 1  # the whole frontier sits at one depth
             logits = base.forward_nodes(node_ids, torch.full((len(expand),), positions, device=device),
                                         self._masks(expand, fed, visible_slots, positions))
@@ -98,15 +98,16 @@ class TreeProposer(Proposer):
             rows_seen = None if seen is None else self._seen_rows(seen, expand, pool_tokens, pool_parent)
             log_probs = self._log_probs(logits[:, : base.draftable], rows_seen)  # (q, draftable)
             values, ids = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1)
-            cumulative = torch.stack([pool_scores[index] for index in expand]).view(-1, 1) + values
-            first_new = len(pool_tokens)
-            self._add_children(pool_tokens, pool_parent, pool_depth, pool_scores, ids, cumulative, expand, depth)
-            frontier = list(range(first_new, len(pool_tokens)))
+            cumulative = pool_scores[expand_index].view(-1, 1) + values
+            frontier_start = len(pool_parent)
+            pool_tokens = torch.cat([pool_tokens, ids.reshape(-1)])
+            pool_scores = torch.cat([pool_scores, cumulative.reshape(-1)])
+            self._add_children(pool_parent, pool_depth, ids.shape[1], expand, depth)
         tree, chosen = self._best_tree(pool_parent, pool_depth, pool_scores)
         slot_of = {index: self.root_slots + position for position, index in enumerate(fed)}
         self.node_slots = {node: slot_of[index] for node, index in enumerate(chosen, start=1) if index in slot_of}
         self.last_tree = tree
-        tokens = torch.stack([pool_tokens[index] for index in chosen]).to(request.target.device)
+        tokens = pool_tokens[torch.tensor(chosen, dtype=torch.long, device=device)].to(request.target.device)
         return Proposal(tokens, None, forwards=forwards, tree=tree)
 
     def commit(self, num_accepted: int) -> None:
@@ -135,28 +136,26 @@ class TreeProposer(Proposer):
         return torch.log_softmax(self.base.processor(logits, seen), dim=-1)
 
     @staticmethod
-    def _add_children(tokens: list, parents: list, depths: list, scores: list, ids: torch.Tensor,
-                      cumulative: torch.Tensor, parent_indices: list[int], depth: int) -> None:
-        for row, parent in enumerate(parent_indices):
-            for column in range(ids.shape[1]):
-                tokens.append(ids[row, column])
-                parents.append(parent)
-                depths.append(depth)
-                scores.append(cumulative[row, column])
+    def _add_children(parents: list[int], depths: list[int], per_parent: int, parent_indices: list[int],
+                      depth: int) -> None:
+        """Record `per_parent` children of each of `parent_indices` (their tokens and scores are added by the
+        caller, row by row in the same order)."""
+        for parent in parent_indices:
+            parents.extend([parent] * per_parent)
+        depths.extend([depth] * (per_parent * len(parent_indices)))
 
     @staticmethod
-    def _expandable(frontier: list[int], tokens: list, scores: list, eos: torch.Tensor, top_k: int
+    def _expandable(frontier_start: int, tokens: torch.Tensor, scores: torch.Tensor, eos: torch.Tensor, top_k: int
                     ) -> tuple[list[int], float]:
-        """The `top_k` most probable frontier nodes worth expanding (none after an end-of-sequence draft),
-        and the best one's cumulative log-probability."""
-        values = torch.stack([scores[index] for index in frontier])
-        ids = torch.stack([tokens[index] for index in frontier])
+        """The `top_k` most probable nodes of the newest depth (pool indices from `frontier_start` on) worth
+        expanding (none after an end-of-sequence draft), and the best one's cumulative log-probability."""
+        values = scores[frontier_start:]
         if eos.numel():
-            values = values.masked_fill(torch.isin(ids, eos), float("-inf"))
+            values = values.masked_fill(torch.isin(tokens[frontier_start:], eos), float("-inf"))
         order = torch.argsort(values, descending=True, stable=True)[:top_k]
         chosen = values[order]
         order_list, chosen_list = torch.stack([order.to(chosen.dtype), chosen]).tolist()  # one sync per depth
-        expand = [frontier[int(index)] for index, value in zip(order_list, chosen_list) if math.isfinite(value)]
+        expand = [frontier_start + int(index) for index, value in zip(order_list, chosen_list) if math.isfinite(value)]
         return expand, chosen_list[0] if chosen_list else -math.inf
 
     def _masks(self, expand: list[int], fed: list[int], visible_slots: dict[int, list[int]],
@@ -186,19 +185,21 @@ class TreeProposer(Proposer):
         return tree_attention_masks(self.layout, base.cache, query_positions, key_positions, visible,
                                     base.language_model.dtype)
 
-    def _seen_rows(self, seen: torch.Tensor, nodes: list[int], tokens: list, parents: list[int]) -> torch.Tensor:
+    def _seen_rows(self, seen: torch.Tensor, nodes: list[int], tokens: torch.Tensor, parents: list[int]
+                   ) -> torch.Tensor:
         """Per-node repetition-penalty history: the committed tokens plus the node's path."""
         rows = seen.unsqueeze(0).repeat(len(nodes), 1)
         for row, index in enumerate(nodes):
-            node = index
+            path, node = [], index
             while node != -1:  # drafts lie in the drafter's draftable ids, the width of `seen`
-                rows[row].index_fill_(0, tokens[node].view(1), True)
+                path.append(node)
                 node = parents[node]
+            rows[row].index_fill_(0, tokens[torch.tensor(path, dtype=torch.long, device=tokens.device)], True)
         return rows
 
-    def _best_tree(self, parents: list[int], depths: list[int], scores: list) -> tuple[DraftTree, list[int]]:
+    def _best_tree(self, parents: list[int], depths: list[int], scores: torch.Tensor) -> tuple[DraftTree, list[int]]:
         """The `size` most probable pool nodes (ties: earlier first, so parents precede children), BFS order."""
-        values = torch.stack(scores)
+        values = scores
         order = torch.argsort(values, descending=True, stable=True)
         finite = torch.isfinite(values[order])
         ranked = [index for index, ok in zip(order.tolist(), finite.tolist()) if ok][: self.shape.size]
