@@ -49,6 +49,9 @@ class StaticDecoder:
         if mode is None and self.device.type == "cuda" and backend == "inductor":
             mode = "reduce-overhead"  # CUDA graphs: one replay per drafted token
         self._step = torch.compile(self._eager_step, backend=backend, mode=mode, dynamic=False, fullgraph=False)
+        # Tree depths: a fixed number of nodes per forward (the proposer pads its frontier), one graph per width.
+        self._nodes_step = torch.compile(self._eager_nodes_step, backend=backend, mode=mode, dynamic=False,
+                                         fullgraph=False)
 
     def fits(self, num_positions: int) -> bool:
         return num_positions <= self.max_cache_len
@@ -63,6 +66,10 @@ class StaticDecoder:
         write at their own `cumulative_length`, not at the `cache_position` they are given)."""
         for layer in self.cache.layers:
             layer.cumulative_length.fill_(length)
+            if hasattr(layer, "cumulative_length_int"):
+                # Sliding static layers also count writes in a Python int and start rolling (a ring buffer) once
+                # it passes the cache: left counting the rolled-back writes, a long request would roll early.
+                layer.cumulative_length_int = length
 
     def prompt_kwargs(self, start: int, num_new: int) -> dict[str, Any]:
         """What an eager forward over the prompt passes so that it writes into this cache at `start`."""
@@ -79,3 +86,30 @@ class StaticDecoder:
         outputs = self.language_model(input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache,
                                       cache_position=cache_position, use_cache=True, logits_to_keep=1)
         return outputs.logits[:, -1].float()
+
+    def nodes_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, masks: dict[str, torch.Tensor],
+                   first_slot: int) -> torch.Tensor:
+        """`input_ids: (1, q)` tree nodes at `position_ids: (1, q)`, written at cache slots `first_slot, ...`,
+        seeing what the per-layer-type `(1, 1, q, max_cache_len)` additive `masks` allow -> `(q, vocab)` logits."""
+        slots = torch.arange(first_slot, first_slot + input_ids.shape[1], device=self.device)
+        return self._nodes_step(input_ids, position_ids, masks, slots)
+
+    def _eager_nodes_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                          masks: dict[str, torch.Tensor], cache_position: torch.Tensor) -> torch.Tensor:
+        outputs = self.language_model(input_ids=input_ids, position_ids=position_ids, attention_mask=masks,
+                                      past_key_values=self.cache, cache_position=cache_position, use_cache=True,
+                                      logits_to_keep=input_ids.shape[1])
+        return outputs.logits[0].float()
+
+    def keep_slots(self, start: int, slots: list[int]) -> None:
+        """Move the entries at cache `slots` (in that order) to `start, start + 1, ...` and keep the cache up to
+        there: a tree's accepted path gathered into place, in place (compiled graphs keep their buffers)."""
+        if slots:
+            source = torch.tensor(slots, dtype=torch.long, device=self.device)
+            target = torch.arange(start, start + len(slots), device=self.device)
+            for layer in self.cache.layers:
+                if not layer.is_initialized:
+                    continue
+                layer.keys.index_copy_(2, target, layer.keys.index_select(2, source))
+                layer.values.index_copy_(2, target, layer.values.index_select(2, source))
+        self.truncate(start + len(slots))

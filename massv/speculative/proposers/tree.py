@@ -30,6 +30,9 @@ from massv.speculative.strategy import TreeShape
 from massv.speculative.tree import AttentionLayout, DraftTree, keep_tail_entries, tree_attention_masks
 
 
+PADDING = -2  # a `fed` entry for a filler slot of the static path (never a pool index, never the root's -1)
+
+
 class TreeProposer(Proposer):
     """Grows an EAGLE-2 tree with a `CausalLMProposer`'s drafter (its model, view of the prompt and cache)."""
 
@@ -42,8 +45,16 @@ class TreeProposer(Proposer):
                 f"{base.name!r} proposer drafts chains only: use strategy='chain' or 'adaptive'")
         self.base = base
         self.shape = shape
-        self.base.cache = DynamicCache()  # slot-indexed; windows are applied by position in the masks
-        self.base.static = None  # tree forwards are batched over the frontier: no one-token static step
+        # The static (compiled) path when the generator has one and a whole tree fits behind the request's
+        # tokens: every depth feeds `top_k` nodes (the frontier padded), so one compiled graph serves them all.
+        static = base.static
+        tree_slots = shape.depth * shape.top_k
+        if static is not None and static.fits(base.prompt.shape[1] + base.request.new_positions + tree_slots):
+            self.static = static
+        else:
+            self.static = None
+            base.static = None
+            base.cache = DynamicCache()  # slot-indexed; windows are applied by position in the masks
         self.request = base.request
         self.layout = AttentionLayout.of(base.language_model.config)
         self.last_tree: DraftTree | None = None
@@ -91,9 +102,13 @@ class TreeProposer(Proposer):
             expand_index = torch.tensor(expand, dtype=torch.long, device=device)
             node_ids = pool_tokens[expand_index].view(1, -1)
             positions = root_position + depth - 1  # the whole frontier sits at one depth
-            logits = base.forward_nodes(node_ids, torch.full((len(expand),), positions, device=device),
-                                        self._masks(expand, fed, visible_slots, positions))
-            fed += expand
+            padding = top_k - len(expand) if self.static is not None else 0
+            masks = self._masks(expand, fed, visible_slots, positions, padding)
+            if self.static is None:
+                logits = base.forward_nodes(node_ids, torch.full((len(expand),), positions, device=device), masks)
+            else:
+                logits = self._static_nodes(node_ids, positions, masks, padding)
+            fed += expand + [PADDING] * padding
             forwards += 1
             rows_seen = None if seen is None else self._seen_rows(seen, expand, pool_tokens, pool_parent)
             log_probs = self._log_probs(logits[:, : base.draftable], rows_seen)  # (q, draftable)
@@ -104,7 +119,7 @@ class TreeProposer(Proposer):
             pool_scores = torch.cat([pool_scores, cumulative.reshape(-1)])
             self._add_children(pool_parent, pool_depth, ids.shape[1], expand, depth)
         tree, chosen = self._best_tree(pool_parent, pool_depth, pool_scores)
-        slot_of = {index: self.root_slots + position for position, index in enumerate(fed)}
+        slot_of = {index: self.root_slots + position for position, index in enumerate(fed) if index != PADDING}
         self.node_slots = {node: slot_of[index] for node, index in enumerate(chosen, start=1) if index in slot_of}
         self.last_tree = tree
         tokens = pool_tokens[torch.tensor(chosen, dtype=torch.long, device=device)].to(request.target.device)
@@ -127,7 +142,10 @@ class TreeProposer(Proposer):
             if node not in self.node_slots:
                 break
             fed_path.append(self.node_slots[node] - self.root_slots)
-        keep_tail_entries(base.cache, base.cached - self.root_slots, fed_path)
+        if self.static is not None:
+            self.static.keep_slots(self.root_slots, [self.root_slots + offset for offset in fed_path])
+        else:
+            keep_tail_entries(base.cache, base.cached - self.root_slots, fed_path)
         base.cached = self.root_slots + len(fed_path)
 
     # ---- growing -----------------------------------------------------------------------------------------
@@ -158,32 +176,51 @@ class TreeProposer(Proposer):
         expand = [frontier_start + int(index) for index, value in zip(order_list, chosen_list) if math.isfinite(value)]
         return expand, chosen_list[0] if chosen_list else -math.inf
 
+    def _static_nodes(self, node_ids: torch.Tensor, position: int, masks: dict[str, torch.Tensor],
+                      padding: int) -> torch.Tensor:
+        """The compiled depth step over `top_k` slots: the frontier, then `padding` copies of its first node
+        (their rows are dropped; each sees only the prefix and itself, so its attention stays finite)."""
+        base = self.base
+        ids = base._readable(torch.cat([node_ids, node_ids[:, :1].expand(1, padding)], dim=1))
+        positions = torch.full((1, ids.shape[1]), position, dtype=torch.long, device=base.device)
+        logits = self.static.nodes_step(ids, positions, masks, base.cached)
+        base.cached += ids.shape[1]
+        return logits[: node_ids.shape[1]]
+
     def _masks(self, expand: list[int], fed: list[int], visible_slots: dict[int, list[int]],
-               position: int) -> dict[str, torch.Tensor]:
-        """Masks for feeding `expand` (one depth, at `position`) after the prefix and the fed nodes `fed`.
+               position: int, padding: int = 0) -> dict[str, torch.Tensor]:
+        """Masks for feeding `expand` (one depth, at `position`) after the prefix and the fed slots `fed`,
+        then `padding` filler rows (the static path's fixed width).
 
         `visible_slots` maps each fed node to the tree slots it sees; the new nodes are added to it.
         """
         base = self.base
         num_fed, num_prefix = len(fed), self.root_slots
+        num_rows = len(expand) + padding
+        width = num_fed + num_rows
         flat = []
         for row, index in enumerate(expand):
             slots = visible_slots[self._parent[index]] + [num_fed + row]
             visible_slots[index] = slots
-            flat += [row * (num_fed + len(expand)) + slot for slot in slots]
-        visible_tree = torch.zeros(len(expand) * (num_fed + len(expand)), dtype=torch.bool)
+            flat += [row * width + slot for slot in slots]
+        flat += [row * width + num_fed + row for row in range(len(expand), num_rows)]  # a filler sees itself
+        visible_tree = torch.zeros(num_rows * width, dtype=torch.bool)
         visible_tree[torch.tensor(flat, dtype=torch.long)] = True
-        visible = torch.cat([torch.ones(len(expand), num_prefix, dtype=torch.bool),
-                             visible_tree.view(len(expand), -1)], dim=1).to(base.device)
+        parts = [torch.ones(num_rows, num_prefix, dtype=torch.bool), visible_tree.view(num_rows, -1)]
         # Logical positions of every slot: prefix slots are their positions; a node at depth d sits at
-        # root + d. Earlier depths come first in `fed`, `top_k`-or-fewer nodes each.
-        depth_of_slot = [self._depth[index] for index in fed] + [self._depth[index] for index in expand]
+        # root + d (a filler at its row's depth). Earlier depths come first in `fed`.
         root_position = position - self._depth[expand[0]]
-        key_positions = torch.cat([torch.arange(num_prefix),
-                                   root_position + torch.tensor(depth_of_slot, dtype=torch.long)]).to(base.device)
-        query_positions = torch.full((len(expand),), position, dtype=torch.long, device=base.device)
-        return tree_attention_masks(self.layout, base.cache, query_positions, key_positions, visible,
-                                    base.language_model.dtype)
+        depth_of_slot = ([self._depth[index] if index != PADDING else 0 for index in fed]
+                         + [self._depth[expand[0]]] * num_rows)
+        key_positions = [torch.arange(num_prefix), root_position + torch.tensor(depth_of_slot, dtype=torch.long)]
+        if self.static is not None:  # the static cache hands attention every slot: the unwritten ones stay hidden
+            unused = self.static.max_cache_len - num_prefix - width
+            parts.append(torch.zeros(num_rows, unused, dtype=torch.bool))
+            key_positions.append(torch.zeros(unused, dtype=torch.long))
+        visible = torch.cat(parts, dim=1).to(base.device)
+        query_positions = torch.full((num_rows,), position, dtype=torch.long, device=base.device)
+        return tree_attention_masks(self.layout, base.cache, query_positions, torch.cat(key_positions).to(base.device),
+                                    visible, base.language_model.dtype)
 
     def _seen_rows(self, seen: torch.Tensor, nodes: list[int], tokens: torch.Tensor, parents: list[int]
                    ) -> torch.Tensor:
