@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tree-top-k", type=int, default=3)
     parser.add_argument("--tree-min-probability", type=float, default=0.25)
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per row (median reported)")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also every row with the compiled drafter (compile_drafter=True), compared among themselves")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--load-note", default="", help="what else ran on the machine (written into the report)")
@@ -62,30 +64,38 @@ def acceptance_checks(rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     checks: dict[str, Any] = {}
     for temp, table in rows.items():
         by_name = {row["name"]: row for row in table}
-        chain = by_name[CHAIN_REFERENCE]
-        trees = [row for row in table if row["strategy"] == "tree"]
-        chains = [row for row in table if row["strategy"] == "chain"]
-        best_mal = max(trees, key=lambda row: row["tokens_per_target_forward"])
-        best_speed = max(trees, key=lambda row: row["tokens_per_second"])
-        best_chain = max(chains, key=lambda row: row["tokens_per_second"])
-        adaptive = by_name["adaptive"]
-        entry = {
-            "tree_mal_over_chain5": best_mal["tokens_per_target_forward"] / chain["tokens_per_target_forward"],
-            "tree_best_mal_row": best_mal["name"],
-            "tree_tokens_per_second_over_chain5": best_speed["tokens_per_second"] / chain["tokens_per_second"],
-            "tree_best_speed_row": best_speed["name"],
-            "adaptive_over_best_chain_speed": adaptive["tokens_per_second"] / best_chain["tokens_per_second"],
-            "best_chain_speed_row": best_chain["name"],
-        }
-        if temp == "T=0":
-            entry["all_identical"] = all(row["identical"] == row["requests"] for row in table)
-            entry["pass_tree_mal_1.25x"] = entry["tree_mal_over_chain5"] >= 1.25
-            entry["pass_tree_faster"] = entry["tree_tokens_per_second_over_chain5"] > 1.0
-        else:
-            entry["pass_tree_mal_above_chain"] = entry["tree_mal_over_chain5"] > 1.0
-        entry["pass_adaptive_within_5pct"] = entry["adaptive_over_best_chain_speed"] >= 0.95
-        checks[temp] = entry
+        checks[temp] = _checks(temp, by_name, [row for row in table if not row.get("compiled")], "")
+        if any(row.get("compiled") for row in table):
+            checks[f"{temp}, compiled"] = _checks(temp, by_name, [row for row in table if row.get("compiled")],
+                                                  ", compiled")
     return checks
+
+
+def _checks(temp: str, by_name: dict[str, dict[str, Any]], table: list[dict[str, Any]], suffix: str) -> dict[str, Any]:
+    """The targets among rows that all run the drafter the same way (eager, or compiled)."""
+    chain = by_name[CHAIN_REFERENCE + suffix]
+    trees = [row for row in table if row["strategy"] == "tree"]
+    chains = [row for row in table if row["strategy"] == "chain"]
+    best_mal = max(trees, key=lambda row: row["tokens_per_target_forward"])
+    best_speed = max(trees, key=lambda row: row["tokens_per_second"])
+    best_chain = max(chains, key=lambda row: row["tokens_per_second"])
+    adaptive = by_name["adaptive" + suffix]
+    entry = {
+        "tree_mal_over_chain5": best_mal["tokens_per_target_forward"] / chain["tokens_per_target_forward"],
+        "tree_best_mal_row": best_mal["name"],
+        "tree_tokens_per_second_over_chain5": best_speed["tokens_per_second"] / chain["tokens_per_second"],
+        "tree_best_speed_row": best_speed["name"],
+        "adaptive_over_best_chain_speed": adaptive["tokens_per_second"] / best_chain["tokens_per_second"],
+        "best_chain_speed_row": best_chain["name"],
+    }
+    if temp == "T=0":
+        entry["all_identical"] = all(row["identical"] == row["requests"] for row in table)
+        entry["pass_tree_mal_1.25x"] = entry["tree_mal_over_chain5"] >= 1.25
+        entry["pass_tree_faster"] = entry["tree_tokens_per_second_over_chain5"] > 1.0
+    else:
+        entry["pass_tree_mal_above_chain"] = entry["tree_mal_over_chain5"] > 1.0
+    entry["pass_adaptive_within_5pct"] = entry["adaptive_over_best_chain_speed"] >= 0.95
+    return entry
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -126,10 +136,19 @@ def plot(path: Path, report: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for temp, table in report["rows"].items():
+    for temp, rows in report["rows"].items():
+        table = [row for row in rows if not row.get("compiled")]
+        compiled = [row for row in rows if row.get("compiled")]
         chains = [row for row in table if row["strategy"] == "chain"]
         trees = [row for row in table if row["strategy"] == "tree"]
         adaptive = next(row for row in table if row["strategy"] == "adaptive")
+        if compiled:  # tok/s only: the compiled drafter drafts the same tokens, faster
+            compiled_chains = [row for row in compiled if row["strategy"] == "chain"]
+            compiled_trees = [row for row in compiled if row["strategy"] == "tree"]
+            axes[1].plot([row["num_draft_tokens"] for row in compiled_chains],
+                         [row["tokens_per_second"] for row in compiled_chains], "^-", label=f"chain γ, compiled, {temp}")
+            axes[1].plot([row["tree_size"] / 4 for row in compiled_trees],
+                         [row["tokens_per_second"] for row in compiled_trees], "v--", label=f"tree n (x/4), compiled, {temp}")
         line = axes[0].plot([row["num_draft_tokens"] for row in chains],
                             [row["tokens_per_target_forward"] for row in chains], "o-", label=f"chain γ, {temp}")[0]
         axes[0].axhline(adaptive["tokens_per_target_forward"], color=line.get_color(), ls=":", label=f"adaptive, {temp}")
@@ -175,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     references = target_references(models.target, cases, args.max_new_tokens)
     runs = default_runs(tuple(args.gammas), tuple(args.tree_sizes), args.tree_depth, args.tree_top_k,
-                        args.tree_min_probability)
+                        args.tree_min_probability, compiled=args.compiled)
     rows, target_speed = {}, {}
     for temperature in args.temperatures:
         name = f"T={temperature:g}"

@@ -39,13 +39,14 @@ class StrategyRun:
     num_draft_tokens: int = 5
     tree: TreeShape | None = None
     adaptive: AdaptiveLength | None = None
+    compiled: bool = False  # the drafter's steps on the static cache through torch.compile (`compile_drafter`)
 
     def kwargs(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "num_draft_tokens": self.num_draft_tokens, "tree": self.tree,
                 "adaptive": self.adaptive}
 
     def describe(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"name": self.name, "strategy": self.strategy}
+        data: dict[str, Any] = {"name": self.name, "strategy": self.strategy, "compiled": self.compiled}
         if self.strategy == "tree":
             data.update(tree_size=self.tree.size, tree_depth=self.tree.depth, tree_top_k=self.tree.top_k,
                         tree_min_probability=self.tree.min_probability)
@@ -59,14 +60,20 @@ class StrategyRun:
 
 def default_runs(gammas: tuple[int, ...] = tuple(range(1, 9)), tree_sizes: tuple[int, ...] = (4, 8, 16, 24, 32),
                  tree_depth: int = 10, tree_top_k: int = 3, tree_min_probability: float = 0.25,
-                 adaptive_start: int = 5) -> list[StrategyRun]:
-    """The γ sweep, the adaptive chain (starting at γ = `adaptive_start`) and the tree-size sweep."""
-    runs = [StrategyRun(f"chain γ={gamma}", "chain", gamma) for gamma in gammas]
-    runs.append(StrategyRun("adaptive", "adaptive", adaptive_start, adaptive=AdaptiveLength()))
-    runs += [StrategyRun(f"tree n={size}", "tree", tree=TreeShape(size=size, depth=tree_depth, top_k=tree_top_k,
-                                                                  min_probability=tree_min_probability))
-             for size in tree_sizes]
-    return runs
+                 adaptive_start: int = 5, compiled: bool = False) -> list[StrategyRun]:
+    """The γ sweep, the adaptive chain (starting at γ = `adaptive_start`) and the tree-size sweep; with
+    `compiled`, the same rows again with the compiled drafter (names ending in "compiled")."""
+    def sweep(suffix: str, compile_drafter: bool) -> list[StrategyRun]:
+        runs = [StrategyRun(f"chain γ={gamma}{suffix}", "chain", gamma, compiled=compile_drafter) for gamma in gammas]
+        runs.append(StrategyRun(f"adaptive{suffix}", "adaptive", adaptive_start, adaptive=AdaptiveLength(),
+                                compiled=compile_drafter))
+        runs += [StrategyRun(f"tree n={size}{suffix}", "tree", compiled=compile_drafter,
+                             tree=TreeShape(size=size, depth=tree_depth, top_k=tree_top_k,
+                                            min_probability=tree_min_probability))
+                 for size in tree_sizes]
+        return runs
+
+    return sweep("", False) + (sweep(", compiled", True) if compiled else [])
 
 
 @dataclass
@@ -90,9 +97,21 @@ def target_references(target: Any, cases: list[Any], max_new_tokens: int) -> lis
 
 def compare_strategies(target: Any, drafter: Any, processor: Any, cases: list[Any], runs: list[StrategyRun],
                        temperature: float, max_new_tokens: int, references: list[list[int]] | None = None,
-                       repeats: int = 3, seed: int = 0) -> tuple[list[dict[str, Any]], float]:
-    """Every configuration on every case, `repeats` times, interleaved per request; rows and the target's tok/s."""
-    generator = SpeculativeGenerator(target, drafter, processor)
+                       repeats: int = 3, seed: int = 0, compile_max_length: int = 1024,
+                       compile_backend: str = "inductor") -> tuple[list[dict[str, Any]], float]:
+    """Every configuration on every case, `repeats` times, interleaved per request; rows and the target's tok/s.
+
+    Compiled rows share one `compile_drafter=True` generator, warmed up on the first case (untimed) so that
+    the timed passes measure decoding, not compilation.
+    """
+    generators = {False: SpeculativeGenerator(target, drafter, processor)}
+    if any(run.compiled for run in runs):
+        generators[True] = SpeculativeGenerator(target, drafter, processor, compile_drafter=True,
+                                                compile_max_length=compile_max_length, compile_backend=compile_backend)
+        for run in runs:
+            if run.compiled:
+                generators[True].generate_from_inputs(cases[0], max_new_tokens=max_new_tokens,
+                                                      temperature=temperature, seed=seed, **run.kwargs())
     rows = [_Row(run) for run in runs]
     slots: list[_Row | None] = [None, *rows]  # None: the target alone, timed in the same rotation
     target_tokens = [0] * repeats
@@ -113,7 +132,7 @@ def compare_strategies(target: Any, drafter: Any, processor: Any, cases: list[An
                     target_tokens[repeat] += output.shape[1] - inputs["input_ids"].shape[1]
                     continue
                 position = rows.index(slot)
-                result = generator.generate_from_inputs(
+                result = generators[slot.run.compiled].generate_from_inputs(
                     inputs, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + index,
                     **slot.run.kwargs())
                 tokens[position] += result.stats.new_tokens

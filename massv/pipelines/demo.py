@@ -157,12 +157,12 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
              overrides: list[str] | None = None, seed: int = 0, recipe: Any = None,
              compress: bool = False, heldout_seed: int | None = None,
              sampled_answers: int | None = None, sampled_steps: int | None = None,
-             sampled_start: str | None = None) -> dict[str, Any]:
+             sampled_start: str | None = None, train_prompts: int | None = None) -> dict[str, Any]:
     """Run every stage (reusing finished ones) and write report.json / report.md / report.png under `out`.
 
     `heldout_seed` (default `seed + 1`) picks the world the drafters are evaluated on: choices are made on a
     validation world (2), the report shows another (1). `sampled_answers` / `sampled_steps` / `sampled_start`
-    override the size's recipe of the T = 1 drafter (see SIZES).
+    override the size's recipe of the T = 1 drafter (see SIZES), `train_prompts` its number of training prompts.
 
     `recipe` (a `WorldRecipe`) picks other world models than the shipped ones. `compress` adds the
     compression study (massv.pipelines.compression_study) under `out/compression`.
@@ -178,7 +178,7 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
     started = time.perf_counter()
     size = dict(SIZES["quick" if quick else "full"])
     for name, value in (("sampled_answers", sampled_answers), ("sampled_steps", sampled_steps),
-                        ("sampled_start", sampled_start)):
+                        ("sampled_start", sampled_start), ("train", train_prompts)):
         if value is not None:
             size[name] = value
     heldout_seed = seed + 1 if heldout_seed is None else heldout_seed
@@ -494,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampled-answers", type=int, default=None,
                         help="answers per training prompt the target samples for the T = 1 drafter; 0: one drafter "
                         "(greedy-distilled) for both temperatures (default: the size's)")
+    parser.add_argument("--train-prompts", type=int, default=None,
+                        help="training prompts the target answers for phase 2 (default: the size's)")
     parser.add_argument("--sampled-steps", type=int, default=None, help="phase-2 steps of the T = 1 drafter")
     parser.add_argument("--sampled-start", choices=("phase1", "phase2"), default=None,
                         help="the T = 1 drafter starts from the phase-1 drafter or the greedy-distilled one")
@@ -505,5 +507,6 @@ def main(argv: list[str] | None = None) -> int:
     report = run_demo(out, quick=args.quick, from_scratch=args.from_scratch, config_path=args.config,
                       overrides=args.override, seed=args.seed, compress=args.compress,
                       heldout_seed=args.heldout_seed, sampled_answers=args.sampled_answers,
-                      sampled_steps=args.sampled_steps, sampled_start=args.sampled_start)
+                      sampled_steps=args.sampled_steps, sampled_start=args.sampled_start,
+                      train_prompts=args.train_prompts)
     return 1 if report["lossless"]["mismatches"] else 0
