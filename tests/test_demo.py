@@ -112,7 +112,8 @@ def test_stage_keys_change_for_a_stage_and_the_stages_that_read_it():
     base = keys()
     changed = {
         "phase1.learning_rate=1e-3": {"phase1", "phase2", "phase2_sampled"},
-        "distill.temperature=1.0": {"distill", "phase2", "text_only_tuned"},  # the sampled pass is at 1.0 anyway
+        # the sampled pass is at 1.0 anyway; the T = 1 drafter starts from phase 2 (SIZES: sampled_start)
+        "distill.temperature=1.0": {"distill", "phase2", "text_only_tuned", "phase2_sampled"},
         "distill.max_new_tokens=10": {"distill", "distill_sampled_1", "phase2", "text_only_tuned", "phase2_sampled"},
         "distill.seed=5": {"distill", "distill_sampled_1", "phase2", "text_only_tuned", "phase2_sampled"},
         "phase2.learning_rate=5e-4": {"phase2", "text_only_tuned", "phase2_sampled"},
@@ -147,5 +148,6 @@ def test_sampled_answer_passes_are_stages_of_their_own():
     assert keys[1]["distill_sampled_1"] == keys[2]["distill_sampled_1"]
     assert keys[1]["phase2_sampled"] != keys[2]["phase2_sampled"]  # it reads one more set of answers
     longer = stage_keys(config, "world-hash", {**SIZES["quick"], "sampled_steps": 20}, seed=0)
-    from_greedy = stage_keys(config, "world-hash", {**SIZES["quick"], "sampled_start": "phase2"}, seed=0)
-    assert len({keys[1]["phase2_sampled"], longer["phase2_sampled"], from_greedy["phase2_sampled"]}) == 3
+    other_start = "phase1" if SIZES["quick"]["sampled_start"] == "phase2" else "phase2"
+    other = stage_keys(config, "world-hash", {**SIZES["quick"], "sampled_start": other_start}, seed=0)
+    assert len({keys[1]["phase2_sampled"], longer["phase2_sampled"], other["phase2_sampled"]}) == 3
