@@ -151,3 +151,25 @@ def test_sampled_answer_passes_are_stages_of_their_own():
     other_start = "phase1" if SIZES["quick"]["sampled_start"] == "phase2" else "phase2"
     other = stage_keys(config, "world-hash", {**SIZES["quick"], "sampled_start": other_start}, seed=0)
     assert len({keys[1]["phase2_sampled"], longer["phase2_sampled"], other["phase2_sampled"]}) == 3
+
+
+def test_demo_builds_the_drafter_its_config_describes(tmp_path, monkeypatch):
+    """`model.vision_feature` and the projector settings reach the drafter the demo trains (they are part of
+    the stage keys; a drafter built with defaults instead would be reported under the wrong settings)."""
+    import massv.pipelines.demo as demo
+
+    class Stop(Exception):
+        pass
+
+    built = {}
+
+    def capture(config, phase, target, drafter, *args, **kwargs):
+        built["drafter"] = drafter
+        raise Stop
+
+    monkeypatch.setattr(demo, "train_or_load", capture)
+    with pytest.raises(Stop):
+        demo.run_demo(tmp_path, quick=True, overrides=["model.vision_feature=pre_merger", "model.projector_layers=3"])
+    config = built["drafter"].config
+    assert config.vision_feature == "pre_merger" and config.projector_layers == 3
+    assert config.vision_feature_dim == built["drafter"].adapter.feature_dim("pre_merger")

@@ -141,10 +141,11 @@ def _massv_drafter(config: Any, world_models: Any, text_lm: Any, pretrain_record
     from massv.config import final_dir
     from massv.drafter import MultimodalDrafter
     from massv.pipelines.stages import is_trained, train_or_load
+    from massv.train.builders import build_drafter
 
     target, processor = world_models.target, world_models.processor
     if not is_trained(config.phase1.output_dir):
-        fresh = MultimodalDrafter.from_target(target, copy.deepcopy(text_lm), len(world_models.tokenizer))
+        fresh = build_drafter(config.model, target, copy.deepcopy(text_lm), processor)
         train_or_load(config, 1, target, fresh, processor, pretrain_records)
     phase2_start = MultimodalDrafter.from_pretrained(final_dir(config.phase1.output_dir), target=target)
     drafter = train_or_load(config, 2, target, phase2_start, processor, distilled_records)

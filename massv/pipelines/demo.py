@@ -33,6 +33,7 @@ from massv.families import get_adapter
 from massv.pipelines.stages import train_or_load
 from massv.speculative.strategy import AdaptiveLength, TreeShape
 from massv.strategy_eval import StrategyRun, compare_strategies, target_references
+from massv.train.builders import build_drafter
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +217,8 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
     _stage("phase 1: projector pretraining on captions")
     start = time.perf_counter()
     pretrain_records, _ = load_llava_records(world_dir / "pretrain.jsonl", world_dir)
-    fresh = MultimodalDrafter.from_target(target, copy.deepcopy(text_lm), len(world_models.tokenizer))
+    # The drafter the config describes (model.vision_feature, projector_*), as `massv train --phase 1` builds it.
+    fresh = build_drafter(config.model, target, copy.deepcopy(text_lm), processor)
     phase1_drafter = train_or_load(config, 1, target, fresh, processor, pretrain_records, reused, "phase1")
     timed("phase1", start)
 
@@ -257,7 +259,7 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
     start = time.perf_counter()
     text_config = load_config(config.to_dict(), overrides=[
         f"phase2.output_dir={out / 'phase2_text_only' / keys['text_only_tuned']}"])
-    text_start = MultimodalDrafter.from_target(target, copy.deepcopy(text_lm), len(world_models.tokenizer))
+    text_start = build_drafter(config.model, target, copy.deepcopy(text_lm), processor)
     tuned_text_lm = train_or_load(text_config, 2, target, text_start, processor, _text_only_records(distilled),
                                    reused, "text_only_tuned").language_model
     timed("text_only_tuned", start)
