@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import io
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tokenize
 import tomllib
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -90,7 +92,7 @@ def prepare_work_dir(work_dir: Path, modules: list[str], tests: list[str], keep:
         shutil.copytree(REPO / name, work_dir / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for module in modules:  # in the copy only: the repository keeps its properties
         path = work_dir / module
-        path.write_text(properties_as_plain_methods(path.read_text()))
+        path.write_text(grad_decorators_as_with_blocks(properties_as_plain_methods(path.read_text())))
     (work_dir / "pyproject.toml").write_text(run_settings(modules, tests))
 
 
@@ -118,6 +120,91 @@ def properties_as_plain_methods(source: str) -> str:
         lines[definition] = lines[definition].replace(f"def {name}(", f"def _property_{name}(", 1)
         del lines[decorator_line - 1]
     return "".join(lines)
+
+
+# The decorators lifted into `with` blocks by `grad_decorators_as_with_blocks` (as `@x()` or bare `@x`).
+GRAD_DECORATORS = ("torch.no_grad", "torch.inference_mode", "torch.enable_grad")
+
+
+def _grad_decorator(node: ast.expr) -> bool:
+    target = node.func if isinstance(node, ast.Call) else node
+    return ast.unparse(target) in GRAD_DECORATORS
+
+
+def _lines_inside_strings(source: str) -> set[int]:
+    """Line numbers that begin inside a multi-line string literal: indenting them would change the string."""
+    inside: set[int] = set()
+    fstring_starts: list[int] = []
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        kind = tokenize.tok_name[token.type]
+        if kind == "STRING" and token.end[0] > token.start[0]:
+            inside.update(range(token.start[0] + 1, token.end[0] + 1))
+        elif kind == "FSTRING_START":  # Python >= 3.12 splits an f-string into tokens
+            fstring_starts.append(token.start[0])
+        elif kind == "FSTRING_END" and fstring_starts:
+            inside.update(range(fstring_starts.pop() + 1, token.end[0] + 1))
+    return inside
+
+
+def _own_nodes(function: ast.FunctionDef):
+    """The nodes of `function`'s body, not those of functions, lambdas or classes defined inside it."""
+    stack = list(function.body)
+    while stack:
+        node = stack.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            stack.extend(ast.iter_child_nodes(node))
+
+
+def _liftable(node: ast.AST) -> tuple[ast.expr, ast.stmt | None] | None:
+    """(the grad decorator, the first statement after the docstring) when `node` can be rewritten."""
+    if not isinstance(node, ast.FunctionDef):  # async functions keep their decorator
+        return None
+    decorators = [decorator for decorator in node.decorator_list if _grad_decorator(decorator)]
+    if len(decorators) != 1:
+        return None
+    if any(isinstance(child, (ast.Yield, ast.YieldFrom)) for child in _own_nodes(node)):
+        return None  # a generator: the decorator re-enters the mode at each resumption, a `with` block would not
+    body = node.body
+    has_docstring = (isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                     and isinstance(body[0].value.value, str))
+    if body[0].lineno == node.lineno:
+        return None  # `def f(): ...` on one line
+    if has_docstring and len(body) > 1 and body[1].lineno == body[0].end_lineno:
+        return None  # `"""doc"""; statement`
+    return decorators[0], (body[1] if len(body) > 1 else None) if has_docstring else body[0]
+
+
+def grad_decorators_as_with_blocks(source: str) -> str:
+    """Rewrite each `@torch.no_grad()` (`inference_mode`, `enable_grad`) function to run its body in a `with`.
+
+    mutmut skips decorated functions, and the engine loop (`SpeculativeGenerator.generate_from_inputs`) carries
+    `@torch.no_grad()`. In the copy the decorator line goes and the body after the docstring (which stays the
+    function's `__doc__`) is indented under `with torch.no_grad():`, the context manager the decorator enters
+    around every call: the behaviour is the same and mutmut mutates the body. Other decorators stay, and so
+    does the grad decorator of a generator (it re-enters the mode at every resumption; a `with` block would
+    not), of an async function and of a body written on the `def` line. Lines that begin inside a multi-line
+    string are not re-indented, so string values do not change.
+    """
+    while True:  # one function per pass, re-parsed after each: nested decorated functions stay consistent
+        tree = ast.parse(source)
+        found = next(((node, lift) for node in ast.walk(tree) if (lift := _liftable(node)) is not None), None)
+        if found is None:
+            return source
+        node, (decorator, first) = found
+        lines = source.splitlines(keepends=True)
+        if first is not None:
+            in_strings = _lines_inside_strings(source)
+            line = lines[first.lineno - 1]
+            indent = line[: len(line) - len(line.lstrip())]
+            step = "\t" if indent.startswith("\t") else "    "
+            for number in range(first.lineno, node.end_lineno + 1):
+                if number not in in_strings and lines[number - 1].strip():
+                    lines[number - 1] = step + lines[number - 1]
+            context = ast.get_source_segment(source, decorator)
+            lines.insert(first.lineno - 1, f"{indent}with {context if isinstance(decorator, ast.Call) else context + '()'}:\n")
+        del lines[decorator.lineno - 1 : decorator.end_lineno]
+        source = "".join(lines)
 
 
 def module_files(patterns: list[str]) -> list[Path]:
