@@ -13,10 +13,15 @@ and the working tree stays clean. It writes `report.json` and `report.md` there 
 function, the diff of every survivor).
 
 Not part of CI: a module takes minutes (massv/compress/sparsity.py: about 350 mutants, ~6 min on one core).
-mutmut does not mutate functions with decorators other than `@classmethod`/`@staticmethod`, so code meant to
-be mutation-tested uses `with torch.no_grad():` blocks rather than the `@torch.no_grad()` decorator; read-only
-`@property` methods are rewritten in the copy as plain methods wrapped by `property(...)`, so they get mutants
-too. The report lists each module's functions that got no mutants.
+mutmut does not mutate functions with decorators other than `@classmethod`/`@staticmethod`, so the copy is
+rewritten first: read-only `@property` methods become plain methods wrapped by `property(...)`, and a
+`@torch.no_grad()` (`@torch.inference_mode()`, `@torch.enable_grad()`) function runs its body inside the same
+`with` block instead (the engine loop, `SpeculativeGenerator.generate_from_inputs`, is one). The report lists
+each module's functions that still got no mutants.
+
+After writing tests for the survivors, run them again against the new tests (same --name, modules and tests):
+
+    python eval/mutation.py --name engine --modules massv/speculative/engine.py --tests ... --keep --survivors
 """
 
 from __future__ import annotations
@@ -243,6 +248,19 @@ def defined_functions(path: Path) -> list[str]:
     return names
 
 
+def earlier_survivors(work_dir: Path, files: list[Path], functions: list[str]) -> list[str]:
+    """The mutants an earlier run left alive (survived, or reached by no test), of `functions` if any given."""
+    names = []
+    for path in files:
+        meta_path = work_dir / "mutants" / f"{path}.meta"
+        if meta_path.exists():
+            exit_codes = json.loads(meta_path.read_text())["exit_code_by_key"]
+            names += [name for name, code in exit_codes.items()
+                      if code is not None and STATUS_BY_EXIT_CODE.get(code) in ("survived", "no tests")
+                      and (not functions or mutant_function(name) in functions)]
+    return names
+
+
 def mutant_diff(work_dir: Path, name: str) -> str:
     result = subprocess.run(["mutmut", "show", name], cwd=work_dir, env=mutmut_environment(),
                             capture_output=True, text=True, check=False)
@@ -319,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="work directory under runs/mutation/ (default: the first module's stem)")
     parser.add_argument("--workers", type=int, default=1, help="parallel mutant workers (default 1: a shared CPU)")
     parser.add_argument("--keep", action="store_true", help="reuse mutmut's results from an earlier run of the same name")
+    parser.add_argument("--survivors", action="store_true",
+                        help="with --keep: run again only the earlier run's survivors (of --functions, if given), "
+                             "against the current tests: after writing tests that should kill them")
     parser.add_argument("--no-diffs", action="store_true", help="skip `mutmut show` for every survivor")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -334,6 +355,12 @@ def main(argv: list[str] | None = None) -> int:
         for path in files:
             module = ".".join(path.with_suffix("").parts)
             selection.append(f"{module}.xǁ{cls}ǁ{method}__mutmut_*" if cls else f"{module}.x_{method}__mutmut_*")
+    if args.survivors:
+        if not args.keep:
+            raise SystemExit("--survivors re-runs an earlier run's survivors: it needs --keep")
+        selection = earlier_survivors(work_dir, files, args.functions)
+        if not selection:
+            raise SystemExit(f"no survivors recorded in {work_dir}")
     command = ["mutmut", "run", "--max-children", str(args.workers), *selection]
     logger.info("mutating %s against %s in %s", ", ".join(map(str, files)), " ".join(args.tests), work_dir)
     with open(work_dir / "mutmut.log", "w") as log:

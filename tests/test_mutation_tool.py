@@ -164,3 +164,18 @@ def test_grad_rewrite_of_the_library_changes_nothing_but_the_decorators() -> Non
     loop = next(node for node in ast.walk(engine)
                 if isinstance(node, ast.FunctionDef) and node.name == "generate_from_inputs")
     assert not loop.decorator_list and isinstance(loop.body[-1], ast.With)
+
+
+def test_earlier_survivors_are_read_from_mutmuts_results(tmp_path) -> None:
+    import json
+
+    tool = _mutation_module()
+    meta = tmp_path / "mutants" / "massv" / "speculative" / "engine.py.meta"
+    meta.parent.mkdir(parents=True)
+    loop = "massv.speculative.engine.xǁSpeculativeGeneratorǁgenerate_from_inputs__mutmut_"
+    block = "massv.speculative.engine.xǁSpeculativeGeneratorǁ_tree_block__mutmut_"
+    meta.write_text(json.dumps({"exit_code_by_key": {loop + "1": 0, loop + "2": 1, loop + "3": None, loop + "4": 33,
+                                                     block + "1": 0, block + "2": 36}}))
+    files = [Path("massv/speculative/engine.py")]
+    assert tool.earlier_survivors(tmp_path, files, []) == [loop + "1", loop + "4", block + "1"]
+    assert tool.earlier_survivors(tmp_path, files, ["SpeculativeGenerator._tree_block"]) == [block + "1"]
