@@ -617,3 +617,64 @@ def test_documented_defaults_128_new_tokens_in_blocks_of_4(pair, image_inputs) -
     assert stats.new_tokens == output.generated_ids.shape[1] == 128 and stats.stopped_by == "max_new_tokens"
     assert stats.num_draft_tokens == 4 and stats.strategy == "chain"
     assert set(proposed for proposed, limited in zip(stats.proposed_drafts, stats.budget_limited) if not limited) == {4}
+
+
+def test_each_request_logs_its_summary_at_debug_level(pair, image_inputs, caplog) -> None:
+    import logging
+
+    generator = SpeculativeGenerator(pair.target, noisy_text_copy(pair.target, 0.5), pair.processor)
+    with caplog.at_level(logging.DEBUG, logger="massv.speculative.engine"):
+        stats = generator.generate_from_inputs(image_inputs, max_new_tokens=10, num_draft_tokens=2).stats
+    messages = [record.getMessage() for record in caplog.records if record.name == "massv.speculative.engine"]
+    assert messages == [f"generated {stats.new_tokens} tokens in {stats.verification_steps} verification steps "
+                        f"(MAL {stats.mean_accepted_length:.2f}, α {stats.acceptance_rate:.2f})"]
+
+
+def test_no_drafts_is_the_target_alone_and_the_drafter_never_runs(pair, image_inputs) -> None:
+    """`num_draft_tokens=0`: one target forward per token, the drafter not even prefilled."""
+    drafter = noisy_text_copy(pair.target, 0.5)
+    calls, hook = _forward_counter(drafter)
+    try:
+        output = SpeculativeGenerator(pair.target, drafter, pair.processor).generate_from_inputs(
+            image_inputs, max_new_tokens=6, num_draft_tokens=0)
+    finally:
+        hook.remove()
+    stats = output.stats
+    assert output.generated_ids[0].tolist() == _reference(pair, image_inputs, 6)
+    assert calls == [] and stats.drafter_forwards == 0 and set(stats.proposed_drafts) == {0}
+    assert stats.target_forwards == stats.new_tokens == 6
+
+
+def test_a_tree_ignores_num_draft_tokens(pair, image_inputs) -> None:
+    """The tree's depth bounds each block (`num_draft_tokens` is documented as unused for trees)."""
+    generator = SpeculativeGenerator(pair.target, noisy_text_copy(pair.target, 0.5), pair.processor)
+    runs = [generator.generate_from_inputs(image_inputs, max_new_tokens=14, num_draft_tokens=gamma, strategy="tree",
+                                           tree=SMALL_TREE, eos_token_id=[]) for gamma in (1, 6)]
+    first, second = (run.stats for run in runs)
+    assert runs[0].generated_ids.tolist() == runs[1].generated_ids.tolist()
+    for name in ("proposed_drafts", "judged_drafts", "accepted_drafts", "budget_limited", "position_judged"):
+        assert getattr(first, name) == getattr(second, name), name
+    assert max(first.accepted_drafts) >= 2  # deeper than the γ=1 a wrong length would allow
+
+
+def test_adaptive_chain_length_follows_the_heuristic_block_by_block(pair, image_inputs) -> None:
+    """The drafts of each block are what `AdaptiveLength`'s rule asks for (+2 after a fully accepted block,
+    -1 after a rejection, within [1, max_tokens]), cut only by the max_new_tokens budget."""
+    settings = AdaptiveLength(max_tokens=6, confidence_threshold=None)  # no early stop: proposed == requested
+    generator = SpeculativeGenerator(pair.target, noisy_text_copy(pair.target, 0.3), pair.processor)
+    max_new_tokens = 30
+    stats = generator.generate_from_inputs(image_inputs, max_new_tokens=max_new_tokens, num_draft_tokens=2,
+                                           strategy="adaptive", adaptive=settings, eos_token_id=[]).stats
+    length, generated, expected, moves = 2, 1, [], set()
+    for accepted_length, accepted in zip(stats.accepted_lengths, stats.accepted_drafts):
+        requested = min(length, max_new_tokens - generated - 1)
+        expected.append(requested)
+        if accepted < requested:
+            length = max(1, length - 1)
+            moves.add("down")
+        else:
+            length = min(settings.max_tokens, length + 2)
+            moves.add("up")
+        generated += accepted_length
+    assert stats.proposed_drafts == expected
+    assert moves == {"up", "down"}
