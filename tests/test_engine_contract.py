@@ -678,3 +678,28 @@ def test_adaptive_chain_length_follows_the_heuristic_block_by_block(pair, image_
         generated += accepted_length
     assert stats.proposed_drafts == expected
     assert moves == {"up", "down"}
+
+
+def test_the_first_token_is_sampled_when_sampling(pair, image_inputs) -> None:
+    """The prefill's token is drawn from the target's distribution like every other (not its argmax): at a
+    high temperature, eight seeds give more than one first token; greedy gives `generate()`'s."""
+    generator = SpeculativeGenerator(pair.target, noisy_text_copy(pair.target, 0.5), pair.processor)
+    firsts = {generator.generate_from_inputs(image_inputs, max_new_tokens=1, temperature=5.0, top_k=0, seed=seed)
+              .generated_ids[0, 0].item() for seed in range(8)}
+    assert len(firsts) > 1
+    greedy = generator.generate_from_inputs(image_inputs, max_new_tokens=1).generated_ids[0].tolist()
+    assert greedy == _reference(pair, image_inputs, 1)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_adaptive_confidence_stop_applies_to_greedy_drafting_only(pair, image_inputs, temperature) -> None:
+    """`confidence_threshold=0.9999` stops every greedy block after its first draft (a partly agreeing drafter
+    is never that sure); sampling ignores the threshold, so its blocks draft what the length rule asks for."""
+    generator = SpeculativeGenerator(pair.target, noisy_text_copy(pair.target, 0.3), pair.processor)
+    stats = generator.generate_from_inputs(image_inputs, max_new_tokens=16, num_draft_tokens=3, strategy="adaptive",
+                                           adaptive=AdaptiveLength(max_tokens=6, confidence_threshold=0.9999),
+                                           temperature=temperature, seed=0, eos_token_id=[]).stats
+    if temperature == 0.0:
+        assert set(stats.proposed_drafts) == {1}
+    else:
+        assert max(stats.proposed_drafts) >= 3
