@@ -279,12 +279,14 @@ def collect_report(work_dir: Path, files: list[Path], with_diffs: bool = True) -
         statuses = {name: STATUS_BY_EXIT_CODE.get(code, "not checked" if code is None else "suspicious")
                     for name, code in exit_codes.items()}
         counts = Counter(statuses.values())
-        tested = len(statuses) - counts["skipped"]
+        tested = len(statuses) - counts["skipped"] - counts["not checked"]
         killed = sum(counts[status] for status in KILLED)
         by_function: dict[str, Counter] = defaultdict(Counter)
         for name, status in statuses.items():
             by_function[mutant_function(name)][status] += 1
-        survivors = sorted((name for name, status in statuses.items() if status not in KILLED | {"skipped"}),
+        # Not survivors: skipped ones, and those a partial run (--functions, a stopped run) never checked.
+        survivors = sorted((name for name, status in statuses.items()
+                            if status not in KILLED | {"skipped", "not checked"}),
                            key=lambda name: (mutant_function(name), int(name.rsplit("_", 1)[-1])))
         mutated = set(by_function)
         report["modules"][str(path)] = {
@@ -302,22 +304,25 @@ def collect_report(work_dir: Path, files: list[Path], with_diffs: bool = True) -
 
 def format_report(report: dict) -> str:
     lines = ["# Mutation testing", "", f"Tests: `{' '.join(report['tests'])}`", "",
-             "| module | mutants | killed | kill rate | survived | no tests | timeout |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| module | mutants | killed | kill rate | survived | no tests | timeout | not run |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for module, entry in report["modules"].items():
         if "error" in entry:
-            lines.append(f"| {module} | {entry['error']} | | | | | |")
+            lines.append(f"| {module} | {entry['error']} | | | | | | |")
             continue
         counts = entry["counts"]
         lines.append(f"| {module} | {entry['mutants']} | {entry['killed']} | {100 * entry['kill_rate']:.1f} % | "
-                     f"{counts.get('survived', 0)} | {counts.get('no tests', 0)} | {counts.get('timeout', 0)} |")
+                     f"{counts.get('survived', 0)} | {counts.get('no tests', 0)} | {counts.get('timeout', 0)} | "
+                     f"{counts.get('not checked', 0)} |")
     for module, entry in report["modules"].items():
         if "error" in entry:
             continue
-        lines += ["", f"## {module}", "", "| function | mutants | killed | not killed |", "|---|---:|---:|---:|"]
+        lines += ["", f"## {module}", "", "| function | mutants | run | killed | not killed |", "|---|---:|---:|---:|---:|"]
         for function, counts in entry["functions"].items():
             killed = sum(counts.get(status, 0) for status in KILLED)
             total = sum(counts.values())
-            lines.append(f"| `{function}` | {total} | {killed} | {total - killed - counts.get('skipped', 0)} |")
+            run = total - counts.get("skipped", 0) - counts.get("not checked", 0)
+            lines.append(f"| `{function}` | {total} | {run} | {killed} | {run - killed} |")
         if entry["functions_without_mutants"]:
             lines += ["", "No mutants (decorated, or nothing to mutate): "
                       + ", ".join(f"`{name}`" for name in entry["functions_without_mutants"])]
