@@ -703,3 +703,23 @@ def test_the_adaptive_confidence_stop_applies_to_greedy_drafting_only(pair, imag
         assert set(stats.proposed_drafts) == {1}
     else:
         assert max(stats.proposed_drafts) >= 3
+
+
+def test_a_tree_stops_exactly_at_every_end_of_sequence_id(pair, image_inputs) -> None:
+    """For every id of the target's output taken as EOS, a partly agreeing tree drafter stops where
+    `generate()` stops; when EOS was an accepted draft, nothing below it counts as judged (the tree never
+    expands an EOS node)."""
+    free = _reference(pair, image_inputs, 14, eos_token_id=None)
+    generator = SpeculativeGenerator(pair.target, noisy_text_copy(pair.target, 0.3), pair.processor)
+    drafted_eos = 0
+    for position in range(1, len(free)):
+        if free.index(free[position]) != position:
+            continue
+        output = generator.generate_from_inputs(image_inputs, max_new_tokens=14, strategy="tree", tree=SMALL_TREE,
+                                                eos_token_id=free[position])
+        stats = output.stats
+        assert output.generated_ids[0].tolist() == free[: position + 1]
+        if stats.accepted_drafts and stats.accepted_lengths[-1] == stats.accepted_drafts[-1]:  # EOS was a draft
+            drafted_eos += 1
+            assert stats.judged_drafts[-1] == stats.accepted_drafts[-1]
+    assert drafted_eos >= 1
