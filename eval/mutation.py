@@ -13,16 +13,22 @@ and the working tree stays clean. It writes `report.json` and `report.md` there 
 function, the diff of every survivor).
 
 Not part of CI: a module takes minutes (massv/compress/sparsity.py: about 350 mutants, ~6 min on one core).
-mutmut does not mutate functions with decorators other than `@classmethod`/`@staticmethod`, so code meant to
-be mutation-tested uses `with torch.no_grad():` blocks rather than the `@torch.no_grad()` decorator; read-only
-`@property` methods are rewritten in the copy as plain methods wrapped by `property(...)`, so they get mutants
-too. The report lists each module's functions that got no mutants.
+mutmut does not mutate functions with decorators other than `@classmethod`/`@staticmethod`, so the copy is
+rewritten first: read-only `@property` methods become plain methods wrapped by `property(...)`, and a
+`@torch.no_grad()` (`@torch.inference_mode()`, `@torch.enable_grad()`) function runs its body inside the same
+`with` block instead (the engine loop, `SpeculativeGenerator.generate_from_inputs`, is one). The report lists
+each module's functions that still got no mutants.
+
+After writing tests for the survivors, run them again against the new tests (same --name, modules and tests):
+
+    python eval/mutation.py --name engine --modules massv/speculative/engine.py --tests ... --keep --survivors
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import io
 import json
 import logging
 import os
@@ -30,6 +36,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tokenize
 import tomllib
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -90,7 +97,7 @@ def prepare_work_dir(work_dir: Path, modules: list[str], tests: list[str], keep:
         shutil.copytree(REPO / name, work_dir / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for module in modules:  # in the copy only: the repository keeps its properties
         path = work_dir / module
-        path.write_text(properties_as_plain_methods(path.read_text()))
+        path.write_text(grad_decorators_as_with_blocks(properties_as_plain_methods(path.read_text())))
     (work_dir / "pyproject.toml").write_text(run_settings(modules, tests))
 
 
@@ -118,6 +125,91 @@ def properties_as_plain_methods(source: str) -> str:
         lines[definition] = lines[definition].replace(f"def {name}(", f"def _property_{name}(", 1)
         del lines[decorator_line - 1]
     return "".join(lines)
+
+
+# The decorators lifted into `with` blocks by `grad_decorators_as_with_blocks` (as `@x()` or bare `@x`).
+GRAD_DECORATORS = ("torch.no_grad", "torch.inference_mode", "torch.enable_grad")
+
+
+def _grad_decorator(node: ast.expr) -> bool:
+    target = node.func if isinstance(node, ast.Call) else node
+    return ast.unparse(target) in GRAD_DECORATORS
+
+
+def _lines_inside_strings(source: str) -> set[int]:
+    """Line numbers that begin inside a multi-line string literal: indenting them would change the string."""
+    inside: set[int] = set()
+    fstring_starts: list[int] = []
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        kind = tokenize.tok_name[token.type]
+        if kind == "STRING" and token.end[0] > token.start[0]:
+            inside.update(range(token.start[0] + 1, token.end[0] + 1))
+        elif kind == "FSTRING_START":  # Python >= 3.12 splits an f-string into tokens
+            fstring_starts.append(token.start[0])
+        elif kind == "FSTRING_END" and fstring_starts:
+            inside.update(range(fstring_starts.pop() + 1, token.end[0] + 1))
+    return inside
+
+
+def _own_nodes(function: ast.FunctionDef):
+    """The nodes of `function`'s body, not those of functions, lambdas or classes defined inside it."""
+    stack = list(function.body)
+    while stack:
+        node = stack.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            stack.extend(ast.iter_child_nodes(node))
+
+
+def _liftable(node: ast.AST) -> tuple[ast.expr, ast.stmt | None] | None:
+    """(the grad decorator, the first statement after the docstring) when `node` can be rewritten."""
+    if not isinstance(node, ast.FunctionDef):  # async functions keep their decorator
+        return None
+    decorators = [decorator for decorator in node.decorator_list if _grad_decorator(decorator)]
+    if len(decorators) != 1:
+        return None
+    if any(isinstance(child, (ast.Yield, ast.YieldFrom)) for child in _own_nodes(node)):
+        return None  # a generator: the decorator re-enters the mode at each resumption, a `with` block would not
+    body = node.body
+    has_docstring = (isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                     and isinstance(body[0].value.value, str))
+    if body[0].lineno == node.lineno:
+        return None  # `def f(): ...` on one line
+    if has_docstring and len(body) > 1 and body[1].lineno == body[0].end_lineno:
+        return None  # `"""doc"""; statement`
+    return decorators[0], (body[1] if len(body) > 1 else None) if has_docstring else body[0]
+
+
+def grad_decorators_as_with_blocks(source: str) -> str:
+    """Rewrite each `@torch.no_grad()` (`inference_mode`, `enable_grad`) function to run its body in a `with`.
+
+    mutmut skips decorated functions, and the engine loop (`SpeculativeGenerator.generate_from_inputs`) carries
+    `@torch.no_grad()`. In the copy the decorator line goes and the body after the docstring (which stays the
+    function's `__doc__`) is indented under `with torch.no_grad():`, the context manager the decorator enters
+    around every call: the behaviour is the same and mutmut mutates the body. Other decorators stay, and so
+    does the grad decorator of a generator (it re-enters the mode at every resumption; a `with` block would
+    not), of an async function and of a body written on the `def` line. Lines that begin inside a multi-line
+    string are not re-indented, so string values do not change.
+    """
+    while True:  # one function per pass, re-parsed after each: nested decorated functions stay consistent
+        tree = ast.parse(source)
+        found = next(((node, lift) for node in ast.walk(tree) if (lift := _liftable(node)) is not None), None)
+        if found is None:
+            return source
+        node, (decorator, first) = found
+        lines = source.splitlines(keepends=True)
+        if first is not None:
+            in_strings = _lines_inside_strings(source)
+            line = lines[first.lineno - 1]
+            indent = line[: len(line) - len(line.lstrip())]
+            step = "\t" if indent.startswith("\t") else "    "
+            for number in range(first.lineno, node.end_lineno + 1):
+                if number not in in_strings and lines[number - 1].strip():
+                    lines[number - 1] = step + lines[number - 1]
+            context = ast.get_source_segment(source, decorator)
+            lines.insert(first.lineno - 1, f"{indent}with {context if isinstance(decorator, ast.Call) else context + '()'}:\n")
+        del lines[decorator.lineno - 1 : decorator.end_lineno]
+        source = "".join(lines)
 
 
 def module_files(patterns: list[str]) -> list[Path]:
@@ -156,6 +248,19 @@ def defined_functions(path: Path) -> list[str]:
     return names
 
 
+def earlier_survivors(work_dir: Path, files: list[Path], functions: list[str]) -> list[str]:
+    """The mutants an earlier run left alive (survived, or reached by no test), of `functions` if any given."""
+    names = []
+    for path in files:
+        meta_path = work_dir / "mutants" / f"{path}.meta"
+        if meta_path.exists():
+            exit_codes = json.loads(meta_path.read_text())["exit_code_by_key"]
+            names += [name for name, code in exit_codes.items()
+                      if code is not None and STATUS_BY_EXIT_CODE.get(code) in ("survived", "no tests")
+                      and (not functions or mutant_function(name) in functions)]
+    return names
+
+
 def mutant_diff(work_dir: Path, name: str) -> str:
     result = subprocess.run(["mutmut", "show", name], cwd=work_dir, env=mutmut_environment(),
                             capture_output=True, text=True, check=False)
@@ -174,12 +279,14 @@ def collect_report(work_dir: Path, files: list[Path], with_diffs: bool = True) -
         statuses = {name: STATUS_BY_EXIT_CODE.get(code, "not checked" if code is None else "suspicious")
                     for name, code in exit_codes.items()}
         counts = Counter(statuses.values())
-        tested = len(statuses) - counts["skipped"]
+        tested = len(statuses) - counts["skipped"] - counts["not checked"]
         killed = sum(counts[status] for status in KILLED)
         by_function: dict[str, Counter] = defaultdict(Counter)
         for name, status in statuses.items():
             by_function[mutant_function(name)][status] += 1
-        survivors = sorted((name for name, status in statuses.items() if status not in KILLED | {"skipped"}),
+        # Not survivors: skipped ones, and those a partial run (--functions, a stopped run) never checked.
+        survivors = sorted((name for name, status in statuses.items()
+                            if status not in KILLED | {"skipped", "not checked"}),
                            key=lambda name: (mutant_function(name), int(name.rsplit("_", 1)[-1])))
         mutated = set(by_function)
         report["modules"][str(path)] = {
@@ -197,22 +304,25 @@ def collect_report(work_dir: Path, files: list[Path], with_diffs: bool = True) -
 
 def format_report(report: dict) -> str:
     lines = ["# Mutation testing", "", f"Tests: `{' '.join(report['tests'])}`", "",
-             "| module | mutants | killed | kill rate | survived | no tests | timeout |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| module | mutants | killed | kill rate | survived | no tests | timeout | not run |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for module, entry in report["modules"].items():
         if "error" in entry:
-            lines.append(f"| {module} | {entry['error']} | | | | | |")
+            lines.append(f"| {module} | {entry['error']} | | | | | | |")
             continue
         counts = entry["counts"]
         lines.append(f"| {module} | {entry['mutants']} | {entry['killed']} | {100 * entry['kill_rate']:.1f} % | "
-                     f"{counts.get('survived', 0)} | {counts.get('no tests', 0)} | {counts.get('timeout', 0)} |")
+                     f"{counts.get('survived', 0)} | {counts.get('no tests', 0)} | {counts.get('timeout', 0)} | "
+                     f"{counts.get('not checked', 0)} |")
     for module, entry in report["modules"].items():
         if "error" in entry:
             continue
-        lines += ["", f"## {module}", "", "| function | mutants | killed | not killed |", "|---|---:|---:|---:|"]
+        lines += ["", f"## {module}", "", "| function | mutants | run | killed | not killed |", "|---|---:|---:|---:|---:|"]
         for function, counts in entry["functions"].items():
             killed = sum(counts.get(status, 0) for status in KILLED)
             total = sum(counts.values())
-            lines.append(f"| `{function}` | {total} | {killed} | {total - killed - counts.get('skipped', 0)} |")
+            run = total - counts.get("skipped", 0) - counts.get("not checked", 0)
+            lines.append(f"| `{function}` | {total} | {run} | {killed} | {run - killed} |")
         if entry["functions_without_mutants"]:
             lines += ["", "No mutants (decorated, or nothing to mutate): "
                       + ", ".join(f"`{name}`" for name in entry["functions_without_mutants"])]
@@ -232,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="work directory under runs/mutation/ (default: the first module's stem)")
     parser.add_argument("--workers", type=int, default=1, help="parallel mutant workers (default 1: a shared CPU)")
     parser.add_argument("--keep", action="store_true", help="reuse mutmut's results from an earlier run of the same name")
+    parser.add_argument("--survivors", action="store_true",
+                        help="with --keep: run again only the earlier run's survivors (of --functions, if given), "
+                             "against the current tests: after writing tests that should kill them")
     parser.add_argument("--no-diffs", action="store_true", help="skip `mutmut show` for every survivor")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -247,6 +360,12 @@ def main(argv: list[str] | None = None) -> int:
         for path in files:
             module = ".".join(path.with_suffix("").parts)
             selection.append(f"{module}.xǁ{cls}ǁ{method}__mutmut_*" if cls else f"{module}.x_{method}__mutmut_*")
+    if args.survivors:
+        if not args.keep:
+            raise SystemExit("--survivors re-runs an earlier run's survivors: it needs --keep")
+        selection = earlier_survivors(work_dir, files, args.functions)
+        if not selection:
+            raise SystemExit(f"no survivors recorded in {work_dir}")
     command = ["mutmut", "run", "--max-children", str(args.workers), *selection]
     logger.info("mutating %s against %s in %s", ", ".join(map(str, files)), " ".join(args.tests), work_dir)
     with open(work_dir / "mutmut.log", "w") as log:

@@ -18,6 +18,7 @@ from massv.speculative import (
     UnsupportedInputError,
     UnsupportedSettingError,
 )
+from massv.speculative.strategy import AdaptiveLength, TreeShape
 from massv.speculative.sampling import SamplingConfig, ScoreProcessor, TokenHistory, apply_repetition_penalty
 from massv.tiny import build_tiny_pair
 from tests.conftest import prompt_inputs, random_image
@@ -382,3 +383,343 @@ def test_a_registered_proposer_drafts_through_the_unchanged_loop(pair, image_inp
 def test_an_unregistered_drafter_type_is_refused_clearly(pair) -> None:
     with pytest.raises(DrafterPairError, match="no proposer is registered for drafters of type Linear"):
         SpeculativeGenerator(pair.target, torch.nn.Linear(2, 2), pair.processor)
+
+
+# ---- 12. the loop's bookkeeping, against hand counts (eval/results/mutation_engine.md) --------------------
+# Tests written from the survivors of the engine loop's mutation run: each pins behaviour no test above saw.
+SMALL_TREE = TreeShape(size=6, depth=3, top_k=2, min_probability=0.0)
+
+
+def _forward_counter(module: torch.nn.Module):
+    calls: list[int] = []
+    return calls, module.register_forward_hook(lambda *args: calls.append(1))
+
+
+@pytest.mark.parametrize("strategy", ["chain", "adaptive", "tree"])
+def test_tree_and_chains_apply_the_repetition_penalty_to_every_node(pair, image_inputs, strategy) -> None:
+    """A tree's rows see the drafts on their own path (`rows_for_tree`), a chain's the drafts before them:
+    with a strong penalty the greedy output is still `generate(repetition_penalty=...)`'s."""
+    generator = SpeculativeGenerator(pair.target, noisy_text_copy(pair.target, 0.5), pair.processor)
+    output = generator.generate_from_inputs(image_inputs, max_new_tokens=16, num_draft_tokens=3, strategy=strategy,
+                                            tree=SMALL_TREE, repetition_penalty=3.0)
+    assert output.generated_ids[0].tolist() == _reference(pair, image_inputs, 16, repetition_penalty=3.0)
+    assert sum(output.stats.accepted_drafts) > 0  # drafts were kept, so their penalties mattered
+
+
+@pytest.mark.parametrize("strategy", ["chain", "adaptive", "tree"])
+def test_sampling_from_a_point_mass_is_the_greedy_output(pair, image_inputs, strategy) -> None:
+    """`temperature=1, top_k=1` samples from a point mass: the sampled path (speculative sampling, the
+    residual, the tree's sampled rule) must then give `generate()`'s greedy tokens exactly, whatever the seed."""
+    generator = SpeculativeGenerator(pair.target, noisy_text_copy(pair.target, 0.5), pair.processor)
+    expected = _reference(pair, image_inputs, 16)
+    for seed in (0, 1):
+        output = generator.generate_from_inputs(image_inputs, max_new_tokens=16, num_draft_tokens=3,
+                                                strategy=strategy, tree=SMALL_TREE, temperature=1.0, top_k=1,
+                                                seed=seed, eos_token_id=[])
+        assert output.generated_ids[0].tolist() == expected
+        assert not output.settings.greedy
+        stats = output.stats
+        assert sum(stats.accepted_drafts) > 0 and any(j > a for j, a in zip(stats.judged_drafts, stats.accepted_drafts))
+
+
+def test_seeded_tree_sampling_ignores_the_global_generator(pair, image_inputs) -> None:
+    """A seeded request draws only from its own generators (target side and drafter side)."""
+    generator = SpeculativeGenerator(pair.target, noisy_text_copy(pair.target, 0.5), pair.processor)
+    outputs = []
+    for global_seed in (11, 12):
+        torch.manual_seed(global_seed)
+        outputs.append(generator.generate_from_inputs(image_inputs, max_new_tokens=16, strategy="tree",
+                                                      tree=SMALL_TREE, temperature=1.0, top_k=0, seed=5,
+                                                      eos_token_id=[]).generated_ids[0].tolist())
+    assert outputs[0] == outputs[1]
+    torch.manual_seed(11)
+    other = generator.generate_from_inputs(image_inputs, max_new_tokens=16, strategy="tree", tree=SMALL_TREE,
+                                           temperature=1.0, top_k=0, seed=6, eos_token_id=[])
+    assert other.generated_ids[0].tolist() != outputs[0]  # the seed is what decides
+
+
+@pytest.mark.parametrize("strategy", ["chain", "adaptive", "tree"])
+def test_forward_counts_equal_the_models_calls(pair, image_inputs, strategy) -> None:
+    """`target_forwards` and `drafter_forwards` count the models' actual forwards (prompt passes included)."""
+    drafter = noisy_text_copy(pair.target, 0.5)
+    generator = SpeculativeGenerator(pair.target, drafter, pair.processor)
+    target_calls, target_hook = _forward_counter(pair.target)
+    drafter_calls, drafter_hook = _forward_counter(drafter)
+    try:
+        output = generator.generate_from_inputs(image_inputs, max_new_tokens=15, num_draft_tokens=3,
+                                                strategy=strategy, tree=SMALL_TREE, eos_token_id=[])
+    finally:
+        target_hook.remove()
+        drafter_hook.remove()
+    stats = output.stats
+    assert stats.target_forwards == len(target_calls) == 1 + stats.verification_steps
+    assert stats.drafter_forwards == len(drafter_calls) > 1 + stats.verification_steps // 2  # the prompt pass too
+    if strategy != "tree":  # a chain: one forward per draft (a tree: one per level it grew)
+        assert stats.drafter_forwards == 1 + sum(stats.proposed_drafts)
+    assert stats.new_tokens == 15 == len(output.generated_ids[0])
+    assert stats.stopped_by == "max_new_tokens"
+    assert stats.num_draft_tokens == {"chain": 3, "adaptive": AdaptiveLength().max_tokens, "tree": SMALL_TREE.size}[strategy]
+    assert stats.strategy == strategy and stats.prompt_tokens == image_inputs["input_ids"].shape[1]
+
+
+class _TickingClock:
+    """`time.perf_counter` that advances one second per reading: each timed phase lasts one tick per pass."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+@pytest.mark.parametrize("strategy", ["chain", "tree"])
+def test_phase_times_accumulate_over_every_block(pair, image_inputs, strategy, monkeypatch) -> None:
+    import massv.speculative.engine as engine
+
+    generator = SpeculativeGenerator(pair.target, noisy_text_copy(pair.target, 0.5), pair.processor)
+    clock = _TickingClock()
+    monkeypatch.setattr(engine, "time", clock)
+    stats = generator.generate_from_inputs(image_inputs, max_new_tokens=12, num_draft_tokens=3, strategy=strategy,
+                                           tree=SMALL_TREE, eos_token_id=[]).stats
+    monkeypatch.undo()
+    steps = stats.verification_steps
+    assert steps >= 3
+    assert (stats.vision_seconds, stats.prefill_seconds) == (1.0, 1.0)
+    assert (stats.drafting_seconds, stats.verifying_seconds) == (steps, steps)  # summed over blocks, not the last
+    # readings: the request start, 2 per phase (vision, prefill), 4 per block, the end; total = end - start
+    assert stats.total_seconds == clock.now - 1.0 == 2 * 2 + 4 * steps + 1
+
+
+def test_text_request_runs_no_vision_and_drafts_without_images(pair) -> None:
+    inputs = prompt_inputs(pair, "Describe a red circle.", None)
+    calls, hook = _vision_calls(pair)
+    try:
+        output = SpeculativeGenerator(pair.target, noisy_text_copy(pair.target, 0.5), pair.processor) \
+            .generate_from_inputs(inputs, max_new_tokens=10, num_draft_tokens=2)
+    finally:
+        hook.remove()
+    assert calls == []
+    assert output.generated_ids[0].tolist() == _reference(pair, inputs, 10)
+
+
+def test_end_of_sequence_output_keeps_its_text_and_reason(pair, image_inputs) -> None:
+    """Stopping at an EOS id: the stats say why, `sequences` is the prompt followed by `generated_ids`, and
+    the text drops special tokens as `decode(..., skip_special_tokens=True)` does (the tiny models never emit
+    one, so a copy of the tokenizer marks an emitted token special)."""
+    import copy
+
+    free = _reference(pair, image_inputs, 12)
+    tokenizer = copy.deepcopy(pair.tokenizer)
+    assert tokenizer.add_special_tokens({"additional_special_tokens": [tokenizer.convert_ids_to_tokens(free[1])]}) == 1
+    assert len(tokenizer) == len(pair.tokenizer)  # an existing id became special; no id was added
+    generator = SpeculativeGenerator(pair.target, TargetAsDrafter(pair.target), tokenizer)
+    eos = free[5]
+    output = generator.generate_from_inputs(image_inputs, max_new_tokens=12, num_draft_tokens=4, eos_token_id=eos)
+    generated = output.generated_ids[0].tolist()
+    assert generated == free[: free.index(eos) + 1]
+    assert output.stats.stopped_by == "eos" and output.stats.new_tokens == len(generated)
+    assert torch.equal(output.sequences[0], torch.cat([image_inputs["input_ids"][0], output.generated_ids[0]]))
+    assert output.text == tokenizer.decode(generated, skip_special_tokens=True) != tokenizer.decode(generated)
+
+
+def test_an_exact_tree_drafter_is_judged_only_on_its_path(pair) -> None:
+    """A drafter holding the target's own weights, on a text prompt (nothing it cannot see), always agrees: each
+    full tree block is accepted down to a leaf, so no child of the last accepted node was judged
+    (judged == accepted), and the output is `generate()`'s."""
+    inputs = prompt_inputs(pair, "Describe a red circle.", None)
+    generator = SpeculativeGenerator(pair.target, noisy_text_copy(pair.target, 0.0), pair.processor)
+    output = generator.generate_from_inputs(inputs, max_new_tokens=17, strategy="tree", tree=SMALL_TREE,
+                                            eos_token_id=[])
+    stats = output.stats
+    assert output.generated_ids[0].tolist() == _reference(pair, inputs, 17)
+    full = [(a, j) for a, j, limited in zip(stats.accepted_drafts, stats.judged_drafts, stats.budget_limited)
+            if not limited]
+    assert len(full) >= 3 and all(a == j > 0 for a, j in full), full
+    assert stats.judged_drafts == stats.accepted_drafts
+
+
+@pytest.mark.parametrize("strategy", ["chain", "tree"])
+def test_judged_drafts_are_the_accepted_ones_and_at_most_one_more(pair, image_inputs, strategy) -> None:
+    """The verifier rules on the accepted drafts and, unless it ran out, on the one after them (a chain's next
+    draft, a tree's children of the last accepted node): never less, never two more, and at least one
+    whenever anything was drafted."""
+    generator = SpeculativeGenerator(pair.target, noisy_text_copy(pair.target, 0.8), pair.processor)
+    rejected = 0
+    for max_new_tokens in (13, 14):
+        stats = generator.generate_from_inputs(image_inputs, max_new_tokens=max_new_tokens, num_draft_tokens=3,
+                                               strategy=strategy, tree=SMALL_TREE, eos_token_id=[]).stats
+        for proposed, judged, accepted in zip(stats.proposed_drafts, stats.judged_drafts, stats.accepted_drafts):
+            assert accepted <= judged <= accepted + 1 and judged <= proposed
+            assert (judged >= 1) == (proposed >= 1)
+            if strategy == "chain":  # a chain's next draft exists exactly when not all were accepted
+                assert judged == accepted + (accepted < proposed)
+            rejected += judged > accepted
+    assert rejected >= 3
+
+
+@pytest.mark.parametrize("strategy", ["chain", "tree"])
+def test_an_end_of_sequence_draft_ends_the_request_in_its_block(pair, strategy) -> None:
+    """EOS among a block's accepted drafts: the request stops right there (tokens, host-side ids, text and
+    stats agree), as `generate(eos_token_id=...)` does; the drafts after it (a tree drafts past an EOS node)
+    count neither as accepted nor judged."""
+    inputs = prompt_inputs(pair, "Describe a red circle.", None)
+    free = _reference(pair, inputs, 16, eos_token_id=None)
+    generator = SpeculativeGenerator(pair.target, noisy_text_copy(pair.target, 0.0), pair.processor)
+    # The first token comes from the prefill; the first block drafts the next γ = 3 (chain) or a path of 2
+    # (the small tree grows two levels here): EOS at a middle draft or at the block's last draft.
+    span = {"chain": (1, 2, 3), "tree": (1, 2)}[strategy]
+    positions = [position for position in span if free.index(free[position]) == position]  # first occurrences
+    assert positions
+    for position in positions:
+        eos = free[position]
+        expected = free[: position + 1]
+        output = generator.generate_from_inputs(inputs, max_new_tokens=16, num_draft_tokens=3, strategy=strategy,
+                                                tree=SMALL_TREE, eos_token_id=eos)
+        stats = output.stats
+        generated = output.generated_ids[0].tolist()
+        assert generated == expected and stats.stopped_by == "eos" and stats.new_tokens == len(expected)
+        assert output.text == pair.tokenizer.decode(expected, skip_special_tokens=True)
+        assert sum(stats.accepted_lengths) == len(expected) - 1
+        assert stats.accepted_lengths[-1] == stats.accepted_drafts[-1] == stats.judged_drafts[-1]  # EOS was a draft
+
+
+def test_accepted_drafts_are_committed_from_their_device_copy(pair, monkeypatch) -> None:
+    """The accepted drafts already lie on the device: the loop commits that copy (no per-token host-to-device
+    write), for chains and for a tree's gathered path alike."""
+    from massv.speculative.proposers import CommittedTokens
+
+    commits = []
+    original = CommittedTokens.append
+
+    def recording(self, tokens, device_tokens=None):
+        commits.append((list(tokens), None if device_tokens is None else device_tokens[: len(tokens)].tolist()))
+        return original(self, tokens, device_tokens)
+
+    monkeypatch.setattr(CommittedTokens, "append", recording)
+    inputs = prompt_inputs(pair, "Describe a red circle.", None)
+    generator = SpeculativeGenerator(pair.target, noisy_text_copy(pair.target, 0.0), pair.processor)
+    for strategy in ("chain", "tree"):
+        commits.clear()
+        output = generator.generate_from_inputs(inputs, max_new_tokens=14, num_draft_tokens=3,
+                                                strategy=strategy, tree=SMALL_TREE, eos_token_id=[])
+        with_drafts = [(tokens, device) for tokens, device in commits if device is not None]
+        assert len(with_drafts) == sum(accepted > 0 for accepted in output.stats.accepted_drafts) > 0
+        assert all(tokens == device for tokens, device in with_drafts)
+        assert sum((tokens for tokens, _ in commits), []) == output.generated_ids[0].tolist()
+
+
+def test_documented_defaults_128_new_tokens_in_blocks_of_4(pair, image_inputs) -> None:
+    """`max_new_tokens=128`, `num_draft_tokens=4`: what the docstring (and `generate()`'s callers) rely on."""
+    generator = SpeculativeGenerator(pair.target, TargetAsDrafter(pair.target), pair.processor)
+    output = generator.generate_from_inputs(image_inputs, eos_token_id=[])
+    stats = output.stats
+    assert stats.new_tokens == output.generated_ids.shape[1] == 128 and stats.stopped_by == "max_new_tokens"
+    assert stats.num_draft_tokens == 4 and stats.strategy == "chain"
+    assert set(proposed for proposed, limited in zip(stats.proposed_drafts, stats.budget_limited) if not limited) == {4}
+
+
+def test_each_request_logs_its_summary_at_debug_level(pair, image_inputs, caplog) -> None:
+    import logging
+
+    generator = SpeculativeGenerator(pair.target, noisy_text_copy(pair.target, 0.5), pair.processor)
+    with caplog.at_level(logging.DEBUG, logger="massv.speculative.engine"):
+        stats = generator.generate_from_inputs(image_inputs, max_new_tokens=10, num_draft_tokens=2).stats
+    messages = [record.getMessage() for record in caplog.records if record.name == "massv.speculative.engine"]
+    assert messages == [f"generated {stats.new_tokens} tokens in {stats.verification_steps} verification steps "
+                        f"(MAL {stats.mean_accepted_length:.2f}, α {stats.acceptance_rate:.2f})"]
+
+
+def test_no_drafts_is_the_target_alone_and_the_drafter_never_runs(pair, image_inputs) -> None:
+    """`num_draft_tokens=0`: one target forward per token, the drafter not even prefilled."""
+    drafter = noisy_text_copy(pair.target, 0.5)
+    calls, hook = _forward_counter(drafter)
+    try:
+        output = SpeculativeGenerator(pair.target, drafter, pair.processor).generate_from_inputs(
+            image_inputs, max_new_tokens=6, num_draft_tokens=0)
+    finally:
+        hook.remove()
+    stats = output.stats
+    assert output.generated_ids[0].tolist() == _reference(pair, image_inputs, 6)
+    assert calls == [] and stats.drafter_forwards == 0 and set(stats.proposed_drafts) == {0}
+    assert stats.target_forwards == stats.new_tokens == 6
+
+
+def test_a_tree_ignores_num_draft_tokens(pair, image_inputs) -> None:
+    """The tree's depth bounds each block (`num_draft_tokens` is documented as unused for trees)."""
+    generator = SpeculativeGenerator(pair.target, noisy_text_copy(pair.target, 0.5), pair.processor)
+    runs = [generator.generate_from_inputs(image_inputs, max_new_tokens=14, num_draft_tokens=gamma, strategy="tree",
+                                           tree=SMALL_TREE, eos_token_id=[]) for gamma in (1, 6)]
+    first, second = (run.stats for run in runs)
+    assert runs[0].generated_ids.tolist() == runs[1].generated_ids.tolist()
+    for name in ("proposed_drafts", "judged_drafts", "accepted_drafts", "budget_limited", "position_judged"):
+        assert getattr(first, name) == getattr(second, name), name
+    assert max(first.accepted_drafts) >= 2  # deeper than the γ=1 a wrong length would allow
+
+
+def test_adaptive_chain_length_follows_the_heuristic_block_by_block(pair, image_inputs) -> None:
+    """The drafts of each block are what `AdaptiveLength`'s rule asks for (+2 after a fully accepted block,
+    -1 after a rejection, within [1, max_tokens]), cut only by the max_new_tokens budget."""
+    settings = AdaptiveLength(max_tokens=6, confidence_threshold=None)  # no early stop: proposed == requested
+    generator = SpeculativeGenerator(pair.target, noisy_text_copy(pair.target, 0.3), pair.processor)
+    max_new_tokens = 30
+    stats = generator.generate_from_inputs(image_inputs, max_new_tokens=max_new_tokens, num_draft_tokens=2,
+                                           strategy="adaptive", adaptive=settings, eos_token_id=[]).stats
+    length, generated, expected, moves = 2, 1, [], set()
+    for accepted_length, accepted in zip(stats.accepted_lengths, stats.accepted_drafts):
+        requested = min(length, max_new_tokens - generated - 1)
+        expected.append(requested)
+        if accepted < requested:
+            length = max(1, length - 1)
+            moves.add("down")
+        else:
+            length = min(settings.max_tokens, length + 2)
+            moves.add("up")
+        generated += accepted_length
+    assert stats.proposed_drafts == expected
+    assert moves == {"up", "down"}
+
+
+def test_the_first_token_is_sampled_when_sampling(pair, image_inputs) -> None:
+    """The prefill's token is drawn from the target's distribution like every other (not its argmax): at a
+    high temperature, eight seeds give more than one first token; greedy gives `generate()`'s."""
+    generator = SpeculativeGenerator(pair.target, noisy_text_copy(pair.target, 0.5), pair.processor)
+    firsts = {generator.generate_from_inputs(image_inputs, max_new_tokens=1, temperature=5.0, top_k=0, seed=seed)
+              .generated_ids[0, 0].item() for seed in range(8)}
+    assert len(firsts) > 1
+    greedy = generator.generate_from_inputs(image_inputs, max_new_tokens=1).generated_ids[0].tolist()
+    assert greedy == _reference(pair, image_inputs, 1)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_adaptive_confidence_stop_applies_to_greedy_drafting_only(pair, image_inputs, temperature) -> None:
+    """`confidence_threshold=0.9999` stops every greedy block after its first draft (a partly agreeing drafter
+    is never that sure); sampling ignores the threshold, so its blocks draft what the length rule asks for."""
+    generator = SpeculativeGenerator(pair.target, noisy_text_copy(pair.target, 0.3), pair.processor)
+    stats = generator.generate_from_inputs(image_inputs, max_new_tokens=16, num_draft_tokens=3, strategy="adaptive",
+                                           adaptive=AdaptiveLength(max_tokens=6, confidence_threshold=0.9999),
+                                           temperature=temperature, seed=0, eos_token_id=[]).stats
+    if temperature == 0.0:
+        assert set(stats.proposed_drafts) == {1}
+    else:
+        assert max(stats.proposed_drafts) >= 3
+
+
+def test_a_tree_stops_exactly_at_every_end_of_sequence_id(pair, image_inputs) -> None:
+    """For every id of the target's output taken as EOS, a partly agreeing tree drafter stops where
+    `generate()` stops; when EOS was an accepted draft, nothing below it counts as judged (the tree never
+    expands an EOS node)."""
+    free = _reference(pair, image_inputs, 14, eos_token_id=None)
+    generator = SpeculativeGenerator(pair.target, noisy_text_copy(pair.target, 0.3), pair.processor)
+    drafted_eos = 0
+    for position in range(1, len(free)):
+        if free.index(free[position]) != position:
+            continue
+        output = generator.generate_from_inputs(image_inputs, max_new_tokens=14, strategy="tree", tree=SMALL_TREE,
+                                                eos_token_id=free[position])
+        stats = output.stats
+        assert output.generated_ids[0].tolist() == free[: position + 1]
+        if stats.accepted_drafts and stats.accepted_lengths[-1] == stats.accepted_drafts[-1]:  # EOS was a draft
+            drafted_eos += 1
+            assert stats.judged_drafts[-1] == stats.accepted_drafts[-1]
+    assert drafted_eos >= 1
