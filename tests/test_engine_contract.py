@@ -723,3 +723,11 @@ def test_a_tree_stops_exactly_at_every_end_of_sequence_id(pair, image_inputs) ->
             drafted_eos += 1
             assert stats.judged_drafts[-1] == stats.accepted_drafts[-1]
     assert drafted_eos >= 1
+
+
+def test_without_a_processor_the_output_has_ids_and_no_text(pair, image_inputs) -> None:
+    """`processor` is optional for `generate_from_inputs`: the same ids as `generate`, and no text to decode."""
+    output = SpeculativeGenerator(pair.target, noisy_text_copy(pair.target, 0.5)).generate_from_inputs(
+        image_inputs, max_new_tokens=8, num_draft_tokens=3)
+    assert output.generated_ids[0].tolist() == _reference(pair, image_inputs, 8)
+    assert output.text is None
