@@ -173,3 +173,33 @@ def test_demo_builds_the_drafter_its_config_describes(tmp_path, monkeypatch):
     config = built["drafter"].config
     assert config.vision_feature == "pre_merger" and config.projector_layers == 3
     assert config.vision_feature_dim == built["drafter"].adapter.feature_dim("pre_merger")
+
+
+def test_demo_phase1_is_the_same_whatever_ran_before(tmp_path, monkeypatch):
+    """Two demos with one config train the same phase-1 drafter, also when the global random generator went
+    through other work in between (it did: the projector was drawn from it unseeded, and fresh-clone demos with
+    one config ended 0.1-0.2 MAL apart)."""
+    import torch
+    from safetensors.torch import load_file
+
+    import massv.pipelines.demo as demo
+
+    class Stop(Exception):
+        pass
+
+    real = demo.train_or_load
+
+    def phase1_only(config, phase, *args, **kwargs):
+        real(config, phase, *args, **kwargs)
+        raise Stop
+
+    monkeypatch.setattr(demo, "train_or_load", phase1_only)
+    weights = []
+    for run in range(2):
+        torch.rand(17 + run)  # other work on the global generator
+        with pytest.raises(Stop):
+            demo.run_demo(tmp_path / f"run{run}", quick=True)
+        (path,) = (tmp_path / f"run{run}" / "phase1").glob("*/final/projector.safetensors")
+        weights.append(load_file(str(path)))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
