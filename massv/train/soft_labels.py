@@ -70,11 +70,15 @@ def example_soft_labels(target: PreTrainedModel, adapter: FamilyAdapter, input_i
     positions = supervised_positions(labels).to(device)
     kwargs, _ = adapter.target_prefill_kwargs(ids, images, target)
     logits = target(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=positions,
-                    **images, **kwargs).logits[0, :, :vocab_limit].float()
-    logprobs = torch.log_softmax(logits / settings.temperature, dim=-1)
-    top = logprobs.topk(min(settings.top_k, vocab_limit), dim=-1)
-    return SoftLabels(ids=top.indices.to(torch.int32).cpu(),
-                      logprobs=torch.log_softmax(top.values, dim=-1).cpu())
+                    **images, **kwargs).logits[0, :, :vocab_limit]
+    return top_k_labels(logits, settings)
+
+
+def top_k_labels(logits: torch.Tensor, settings: LogitDistillationConfig) -> SoftLabels:
+    """`logits: (positions, draftable ids)` -> their `top_k` ids at `temperature`, renormalised over those k."""
+    logprobs = torch.log_softmax(logits.float() / settings.temperature, dim=-1)
+    top = logprobs.topk(min(settings.top_k, logprobs.shape[-1]), dim=-1)
+    return SoftLabels(ids=top.indices.to(torch.int32).cpu(), logprobs=torch.log_softmax(top.values, dim=-1).cpu())
 
 
 def soft_labels_key(preprocess_key: str, target: PreTrainedModel, vocab_limit: int,
@@ -122,13 +126,8 @@ def batch_soft_labels(target: PreTrainedModel, adapter: FamilyAdapter, examples:
     kept = torch.unique(torch.cat(positions))  # sorted: one logits row per position any example needs
     logits = target(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                     logits_to_keep=kept.to(device), **images, **derived).logits[..., :vocab_limit]
-    results = []
-    for row, rows in enumerate(positions):
-        picked = logits[row, torch.searchsorted(kept, rows).to(device)].float()
-        logprobs = torch.log_softmax(picked / settings.temperature, dim=-1)
-        top = logprobs.topk(min(settings.top_k, vocab_limit), dim=-1)
-        results.append(SoftLabels(ids=top.indices.to(torch.int32).cpu(), logprobs=torch.log_softmax(top.values, dim=-1).cpu()))
-    return results
+    return [top_k_labels(logits[row, torch.searchsorted(kept, rows).to(device)], settings)
+            for row, rows in enumerate(positions)]
 
 
 def compute_soft_labels(target: PreTrainedModel, adapter: FamilyAdapter, dataset: Any, vocab_limit: int,
