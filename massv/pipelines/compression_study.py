@@ -145,8 +145,7 @@ def _massv_drafter(config: Any, world_models: Any, text_lm: Any, pretrain_record
 
     target, processor = world_models.target, world_models.processor
     if not is_trained(config.phase1.output_dir):
-        torch.manual_seed(config.phase1.seed)  # the projector's init, whatever the global generator went through
-        fresh = build_drafter(config.model, target, copy.deepcopy(text_lm), processor)
+        fresh = build_drafter(config.model, target, copy.deepcopy(text_lm), processor, seed=config.phase1.seed)
         train_or_load(config, 1, target, fresh, processor, pretrain_records)
     phase2_start = MultimodalDrafter.from_pretrained(final_dir(config.phase1.output_dir), target=target)
     drafter = train_or_load(config, 2, target, phase2_start, processor, distilled_records)

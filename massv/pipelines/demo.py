@@ -221,8 +221,7 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
     pretrain_records, _ = load_llava_records(world_dir / "pretrain.jsonl", world_dir)
     # The drafter the config describes (model.vision_feature, projector_*), as `massv train --phase 1` builds it,
     # its projector drawn from a seeded generator: the global one's state here depends on what ran before.
-    torch.manual_seed(config.phase1.seed)
-    fresh = build_drafter(config.model, target, copy.deepcopy(text_lm), processor)
+    fresh = build_drafter(config.model, target, copy.deepcopy(text_lm), processor, seed=config.phase1.seed)
     phase1_drafter = train_or_load(config, 1, target, fresh, processor, pretrain_records, reused, "phase1")
     timed("phase1", start)
 

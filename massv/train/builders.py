@@ -55,13 +55,24 @@ def release_unused_target_weights(target: PreTrainedModel, keep: dict[str, torch
 
 
 def build_drafter(model_config: ModelConfig, target: PreTrainedModel, drafter_lm: PreTrainedModel,
-                  processor: ProcessorMixin) -> MultimodalDrafter:
-    """A fresh drafter (phase 1): the target's vision encoder (shared), a new projector and the drafter LM."""
-    return MultimodalDrafter.from_target(
-        target, drafter_lm, tokenizer_size=len(processor.tokenizer), vision_feature=model_config.vision_feature,
-        projector_hidden_dim=model_config.projector_hidden_dim, projector_layers=model_config.projector_layers,
-        projector_activation=model_config.projector_activation,
-    )
+                  processor: ProcessorMixin, seed: int | None = None) -> MultimodalDrafter:
+    """A fresh drafter (phase 1): the target's vision encoder (shared), a new projector and the drafter LM.
+
+    `seed`: the projector's initial weights come from a generator seeded with it (the global one is left as it
+    was), so they do not depend on what drew from the global generator before; None draws from the global one.
+    """
+    def build() -> MultimodalDrafter:
+        return MultimodalDrafter.from_target(
+            target, drafter_lm, tokenizer_size=len(processor.tokenizer), vision_feature=model_config.vision_feature,
+            projector_hidden_dim=model_config.projector_hidden_dim, projector_layers=model_config.projector_layers,
+            projector_activation=model_config.projector_activation,
+        )
+
+    if seed is None:
+        return build()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
 
 
 def load_phase1_drafter(config: RunConfig, target: PreTrainedModel) -> MultimodalDrafter:
