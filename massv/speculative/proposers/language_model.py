@@ -197,14 +197,15 @@ class CausalLMProposer(Proposer):
         return outputs.logits[:, -1].float()
 
     def forward_nodes(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                      attention_mask: dict[str, torch.Tensor]) -> torch.Tensor:
+                      attention_mask: dict[str, torch.Tensor], readable: bool = False) -> torch.Tensor:
         """Feed `input_ids: (1, q)` (tree nodes) at explicit positions with per-layer-type 4-D masks.
 
-        Returns `(q, vocab)` float logits, one row per node. For tree drafting (`proposers/tree.py`).
+        Returns `(q, vocab)` float logits, one row per node. For tree drafting (`proposers/tree.py`);
+        `readable=True`: the ids are known to need no `_readable` replacement.
         """
         num_new = input_ids.shape[1]
         outputs = self.language_model(
-            input_ids=self._readable(input_ids), position_ids=position_ids.view(1, -1), attention_mask=attention_mask,
+            input_ids=input_ids if readable else self._readable(input_ids), position_ids=position_ids.view(1, -1), attention_mask=attention_mask,
             past_key_values=self.cache, use_cache=True, logits_to_keep=num_new,
         )
         self.cached += num_new

@@ -57,6 +57,12 @@ class TreeProposer(Proposer):
             base.cache = DynamicCache()  # slot-indexed; windows are applied by position in the masks
         self.request = base.request
         self.layout = AttentionLayout.of(base.language_model.config)
+        self.dtype = base.language_model.dtype  # read once: a model's `dtype` walks its parameters
+        # Drafts are drafter ids below `draftable`; when none of those needs `_readable`'s replacement (ids past
+        # the embedding, the image placeholder), the per-depth forwards skip it.
+        image_token_id = base.request.adapter.image_token_id
+        self.nodes_readable = base.draftable <= base.embedding_rows and not (
+            image_token_id is not None and 0 <= image_token_id < base.draftable)
         self.last_tree: DraftTree | None = None
         self.root_slots = 0  # drafter cache length before the tree's nodes
         self.node_slots: dict[int, int] = {}  # tree node -> drafter cache slot (the nodes that were fed)
@@ -86,7 +92,11 @@ class TreeProposer(Proposer):
         pool_depth: list[int] = []
         self._parent, self._depth = pool_parent, pool_depth  # read by `_masks`
         fed: list[int] = []  # pool indices in drafter cache order
-        visible_slots: dict[int, list[int]] = {-1: []}  # fed node -> tree slots it sees (ancestors, itself)
+        # Which tree slots each fed slot sees (its ancestors and itself), one row per slot; the extra last row
+        # stays empty: the root's children and the static path's fillers take it as their parent's.
+        tree_slots = depth_limit * top_k
+        fed_visible = torch.zeros(tree_slots + 1, tree_slots, dtype=torch.bool, device=device)
+        fed_row_of: dict[int, int] = {}  # pool index -> its slot among the fed
         log_probs = self._log_probs(root_logits, None if seen is None else seen.unsqueeze(0))[0]
         values, ids = log_probs.topk(min(top_k, log_probs.shape[-1]))
         pool_tokens, pool_scores = ids, values
@@ -103,9 +113,10 @@ class TreeProposer(Proposer):
             node_ids = pool_tokens[expand_index].view(1, -1)
             positions = root_position + depth - 1  # the whole frontier sits at one depth
             padding = top_k - len(expand) if self.static is not None else 0
-            masks = self._masks(expand, fed, visible_slots, positions, padding)
+            masks = self._masks(expand, fed, fed_visible, fed_row_of, positions, padding)
             if self.static is None:
-                logits = base.forward_nodes(node_ids, torch.full((len(expand),), positions, device=device), masks)
+                logits = base.forward_nodes(node_ids, torch.full((len(expand),), positions, device=device), masks,
+                                            readable=self.nodes_readable)
             else:
                 logits = self._static_nodes(node_ids, positions, masks, padding)
             fed += expand + [PADDING] * padding
@@ -181,46 +192,55 @@ class TreeProposer(Proposer):
         """The compiled depth step over `top_k` slots: the frontier, then `padding` copies of its first node
         (their rows are dropped; each sees only the prefix and itself, so its attention stays finite)."""
         base = self.base
-        ids = base._readable(torch.cat([node_ids, node_ids[:, :1].expand(1, padding)], dim=1))
+        ids = torch.cat([node_ids, node_ids[:, :1].expand(1, padding)], dim=1)
+        ids = ids if self.nodes_readable else base._readable(ids)
         positions = torch.full((1, ids.shape[1]), position, dtype=torch.long, device=base.device)
         logits = self.static.nodes_step(ids, positions, masks, base.cached)
         base.cached += ids.shape[1]
         return logits[: node_ids.shape[1]]
 
-    def _masks(self, expand: list[int], fed: list[int], visible_slots: dict[int, list[int]],
+    def _masks(self, expand: list[int], fed: list[int], fed_visible: torch.Tensor, fed_row_of: dict[int, int],
                position: int, padding: int = 0) -> dict[str, torch.Tensor]:
         """Masks for feeding `expand` (one depth, at `position`) after the prefix and the fed slots `fed`,
         then `padding` filler rows (the static path's fixed width).
 
-        `visible_slots` maps each fed node to the tree slots it sees; the new nodes are added to it.
+        `fed_visible[i]` holds which tree slots fed slot i sees; the new rows are written into it (a node sees
+        what its parent sees, and itself), and `fed_row_of` learns the new nodes' slots.
         """
         base = self.base
         num_fed, num_prefix = len(fed), self.root_slots
         num_rows = len(expand) + padding
         width = num_fed + num_rows
-        flat = []
-        for row, index in enumerate(expand):
-            slots = visible_slots[self._parent[index]] + [num_fed + row]
-            visible_slots[index] = slots
-            flat += [row * width + slot for slot in slots]
-        flat += [row * width + num_fed + row for row in range(len(expand), num_rows)]  # a filler sees itself
-        visible_tree = torch.zeros(num_rows * width, dtype=torch.bool)
-        visible_tree[torch.tensor(flat, dtype=torch.long)] = True
-        parts = [torch.ones(num_rows, num_prefix, dtype=torch.bool), visible_tree.view(num_rows, -1)]
+        empty = fed_visible.shape[0] - 1
+        parent_rows = [fed_row_of.get(self._parent[index], empty) for index in expand] + [empty] * padding
+        rows = fed_visible[torch.tensor(parent_rows, dtype=torch.long, device=fed_visible.device)]
+        own = torch.arange(num_fed, width, device=fed_visible.device)
+        rows[torch.arange(num_rows, device=fed_visible.device), own] = True  # each row sees itself
+        fed_visible[num_fed:width] = rows
+        fed_row_of.update((index, num_fed + row) for row, index in enumerate(expand))
+        unused = self.static.max_cache_len - num_prefix - width if self.static is not None else 0
+        window = self.layout.sliding_window
+        if window is None or position < window:  # no key is a window back: one mask serves every layer type
+            kv_length = num_prefix + width + unused
+            mask = torch.full((num_rows, kv_length), torch.finfo(self.dtype).min, dtype=self.dtype, device=base.device)
+            mask[:, :num_prefix] = 0
+            mask[:, num_prefix : num_prefix + width].masked_fill_(rows[:, :width], 0)
+            mask = mask[None, None]
+            return {kind: mask for kind in self.layout.layer_types}
         # Logical positions of every slot: prefix slots are their positions; a node at depth d sits at
         # root + d (a filler at its row's depth). Earlier depths come first in `fed`.
         root_position = position - self._depth[expand[0]]
         depth_of_slot = ([self._depth[index] if index != PADDING else 0 for index in fed]
                          + [self._depth[expand[0]]] * num_rows)
         key_positions = [torch.arange(num_prefix), root_position + torch.tensor(depth_of_slot, dtype=torch.long)]
-        if self.static is not None:  # the static cache hands attention every slot: the unwritten ones stay hidden
-            unused = self.static.max_cache_len - num_prefix - width
-            parts.append(torch.zeros(num_rows, unused, dtype=torch.bool))
+        parts = [torch.ones(num_rows, num_prefix, dtype=torch.bool, device=base.device), rows[:, :width]]
+        if unused:  # the static cache hands attention every slot: the unwritten ones stay hidden
+            parts.append(torch.zeros(num_rows, unused, dtype=torch.bool, device=base.device))
             key_positions.append(torch.zeros(unused, dtype=torch.long))
-        visible = torch.cat(parts, dim=1).to(base.device)
+        visible = torch.cat(parts, dim=1)
         query_positions = torch.full((num_rows,), position, dtype=torch.long, device=base.device)
         return tree_attention_masks(self.layout, base.cache, query_positions, torch.cat(key_positions).to(base.device),
-                                    visible, base.language_model.dtype)
+                                    visible, self.dtype)
 
     def _seen_rows(self, seen: torch.Tensor, nodes: list[int], tokens: torch.Tensor, parents: list[int]
                    ) -> torch.Tensor:
