@@ -205,7 +205,8 @@ class CausalLMProposer(Proposer):
         """
         num_new = input_ids.shape[1]
         outputs = self.language_model(
-            input_ids=input_ids if readable else self._readable(input_ids), position_ids=position_ids.view(1, -1), attention_mask=attention_mask,
+            input_ids=input_ids if readable else self._readable(input_ids), position_ids=position_ids.view(1, -1),
+            attention_mask=attention_mask,
             past_key_values=self.cache, use_cache=True, logits_to_keep=num_new,
         )
         self.cached += num_new
