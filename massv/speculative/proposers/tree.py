@@ -96,7 +96,7 @@ class TreeProposer(Proposer):
         # stays empty: the root's children and the static path's fillers take it as their parent's.
         tree_slots = depth_limit * top_k
         fed_visible = torch.zeros(tree_slots + 1, tree_slots, dtype=torch.bool, device=device)
-        fed_row_of: dict[int, int] = {}  # pool index -> its slot among the fed
+        fed_row_of: dict[int, int] = {}  # pool index -> its slot among the fed (`fed`'s inverse, fillers aside)
         log_probs = self._log_probs(root_logits, None if seen is None else seen.unsqueeze(0))[0]
         values, ids = log_probs.topk(min(top_k, log_probs.shape[-1]))
         pool_tokens, pool_scores = ids, values
@@ -119,6 +119,7 @@ class TreeProposer(Proposer):
                                             readable=self.nodes_readable)
             else:
                 logits = self._static_nodes(node_ids, positions, masks, padding)
+            fed_row_of.update((index, len(fed) + row) for row, index in enumerate(expand))
             fed += expand + [PADDING] * padding
             forwards += 1
             rows_seen = None if seen is None else self._seen_rows(seen, expand, pool_tokens, pool_parent)
@@ -130,8 +131,8 @@ class TreeProposer(Proposer):
             pool_scores = torch.cat([pool_scores, cumulative.reshape(-1)])
             self._add_children(pool_parent, pool_depth, ids.shape[1], expand, depth)
         tree, chosen = self._best_tree(pool_parent, pool_depth, pool_scores)
-        slot_of = {index: self.root_slots + position for position, index in enumerate(fed) if index != PADDING}
-        self.node_slots = {node: slot_of[index] for node, index in enumerate(chosen, start=1) if index in slot_of}
+        self.node_slots = {node: self.root_slots + fed_row_of[index] for node, index in enumerate(chosen, start=1)
+                           if index in fed_row_of}
         self.last_tree = tree
         tokens = pool_tokens[torch.tensor(chosen, dtype=torch.long, device=device)].to(request.target.device)
         return Proposal(tokens, None, forwards=forwards, tree=tree)
@@ -205,7 +206,7 @@ class TreeProposer(Proposer):
         then `padding` filler rows (the static path's fixed width).
 
         `fed_visible[i]` holds which tree slots fed slot i sees; the new rows are written into it (a node sees
-        what its parent sees, and itself), and `fed_row_of` learns the new nodes' slots.
+        what its parent sees, and itself). `fed_row_of` gives a fed node's slot (the caller adds `expand`'s).
         """
         base = self.base
         num_fed, num_prefix = len(fed), self.root_slots
@@ -217,10 +218,11 @@ class TreeProposer(Proposer):
         own = torch.arange(num_fed, width, device=fed_visible.device)
         rows[torch.arange(num_rows, device=fed_visible.device), own] = True  # each row sees itself
         fed_visible[num_fed:width] = rows
-        fed_row_of.update((index, num_fed + row) for row, index in enumerate(expand))
         unused = self.static.max_cache_len - num_prefix - width if self.static is not None else 0
         window = self.layout.sliding_window
-        if window is None or position < window:  # no key is a window back: one mask serves every layer type
+        # No key is a window back: one mask serves every layer type, since the drafter's cache hands them all the
+        # same slots (a plain DynamicCache, or a static one no longer than the window, which the tree fits in).
+        if window is None or position < window:
             kv_length = num_prefix + width + unused
             mask = torch.full((num_rows, kv_length), torch.finfo(self.dtype).min, dtype=self.dtype, device=base.device)
             mask[:, :num_prefix] = 0
