@@ -7,11 +7,13 @@ side branches and rejected part-way: the cases where a wrong mask, position or g
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
+from transformers import DynamicCache
 
 from massv.families import FamilyAdapter, get_adapter
 from massv.speculative import (
@@ -22,9 +24,10 @@ from massv.speculative import (
     TargetVerifier,
     proposer_class_for,
 )
-from massv.speculative.proposers.tree import TreeProposer
+from massv.speculative.proposers.language_model import CausalLMProposer
+from massv.speculative.proposers.tree import NodePool, TreeProposer
 from massv.speculative.strategy import AdaptiveLength, LengthController, TreeShape
-from massv.speculative.tree import DraftTree
+from massv.speculative.tree import DraftTree, keep_tail_entries
 from massv.tiny import TinyPair, build_tiny_pair
 from tests.conftest import prompt_inputs, random_image
 from tests.engine_helpers import noisy_multimodal_copy, noisy_text_copy
@@ -32,7 +35,10 @@ from tests.engine_helpers import noisy_multimodal_copy, noisy_text_copy
 PROMPTS = ["Describe the image.", "What colour is the square?", "How many circles are there?",
            "Where is the red star?", "Write a caption."]
 NOISE = 0.5
-TREES = (TreeShape(size=6, depth=3, top_k=2, min_probability=0.0), TreeShape())  # small fixed-depth; the default
+SHARPEN = 60.0  # output-embedding scale that makes a tiny random drafter's confidence vary across (0, 1)
+# small fixed-depth; the default; the first-choice path with runner-up leaves (width 1)
+TREES = (TreeShape(size=6, depth=3, top_k=2, min_probability=0.0), TreeShape(),
+         TreeShape(size=8, depth=6, top_k=3, width=1, min_probability=0.0))
 
 
 @dataclass
@@ -50,6 +56,11 @@ class Setup:
             output = self.pair.target.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
             self.references[key] = output[0, inputs["input_ids"].shape[1]:].tolist()
         return self.references[key]
+
+    def reference_without_eos(self, index: int, max_new_tokens: int) -> list[int]:
+        inputs = self.cases[index]
+        output = self.pair.target.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=None)
+        return output[0, inputs["input_ids"].shape[1]:].tolist()
 
 
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "gemma3"])
@@ -69,7 +80,7 @@ def test_greedy_tree_matches_target_generate(setup: Setup, drafter_kind: str) ->
     generator = SpeculativeGenerator(setup.pair.target, setup.drafters[drafter_kind], setup.pair.processor)
     branch_accepted = rejected_blocks = 0
     for index in range(len(setup.cases)):
-        for shape, max_new_tokens in zip(TREES, (29, 23)):
+        for shape, max_new_tokens in zip(TREES, (29, 23, 26)):
             output = generator.generate_from_inputs(setup.cases[index], max_new_tokens=max_new_tokens,
                                                     strategy="tree", tree=shape)
             stats = output.stats
@@ -99,6 +110,101 @@ def test_greedy_adaptive_matches_target_generate(setup: Setup, drafter_kind: str
     assert len(lengths) >= 3, lengths  # the length did adapt
 
 
+def test_width_one_feeds_only_the_first_choice_path_with_one_token_steps(setup: Setup, monkeypatch) -> None:
+    """`width=1`: no depth goes through the masked node forward, the fed nodes are the tree's first nodes (its
+    first-choice path), each later node is a leaf child of one of them, and the output is still the target's."""
+    generator = SpeculativeGenerator(setup.pair.target, setup.drafters["noisy-multimodal"], setup.pair.processor)
+    shape = TreeShape(size=10, depth=6, top_k=3, width=1, min_probability=0.0)
+    masked_calls, trees = [], []
+    original_nodes = CausalLMProposer.forward_nodes
+    original_propose = TreeProposer.propose
+    monkeypatch.setattr(CausalLMProposer, "forward_nodes",
+                        lambda self, *args, **kwargs: masked_calls.append(1) or original_nodes(self, *args, **kwargs))
+
+    def recording_propose(self, sequence, max_tokens):
+        proposal = original_propose(self, sequence, max_tokens)
+        trees.append((proposal.tree, sorted(self.node_slots)))
+        return proposal
+
+    monkeypatch.setattr(TreeProposer, "propose", recording_propose)
+    output = generator.generate_from_inputs(setup.cases[0], max_new_tokens=29, strategy="tree", tree=shape)
+    assert output.generated_ids[0].tolist() == setup.reference(0, 29)
+    assert not masked_calls
+    assert any(tree.num_nodes > tree.depth for tree, _ in trees)  # runner-up leaves were verified too
+    for tree, fed in trees:
+        path = tree.path_to(tree.depth) if tree.depth else []
+        assert path == list(range(1, tree.depth + 1))  # the first-choice path comes first...
+        assert all(tree.is_first_child(node) for node in path)
+        assert fed == list(range(1, len(fed) + 1)) and len(fed) <= tree.depth  # ...and only it was fed
+        for node in range(tree.depth + 1, tree.num_nodes + 1):  # the rest: leaves under fed path nodes
+            assert tree.parents[node - 1] <= len(fed) and not tree.children(node)
+
+
+def test_every_tree_lists_its_first_choice_path_first(setup: Setup) -> None:
+    """EAGLE-2 trees too: following first children from the root visits nodes 1, 2, ..., so accepting that
+    path keeps a prefix of the verified nodes (a crop of both caches); siblings stay in drafter order."""
+    drafter = setup.drafters["noisy-text"]
+    inputs = setup.cases[3]
+    adapter, target = setup.adapter, setup.pair.target
+    request = DraftRequest(target=target, adapter=adapter, prompt_ids=inputs["input_ids"], image_inputs={},
+                           vision_features={}, settings=SamplingConfig(), eos_token_ids=frozenset(), replacement_id=0)
+    proposer = TreeProposer(proposer_class_for(drafter)(drafter, request), TreeShape(size=12, depth=5, top_k=3,
+                                                                                   min_probability=0.0))
+    sequence = CommittedTokens(inputs["input_ids"], capacity=64)
+    sequence.append([11])
+    with torch.no_grad():
+        proposer.prefill(sequence)
+        tree = proposer.propose(sequence, 5).tree
+    node, path = 0, []
+    while tree.children(node):
+        node = tree.children(node)[0]
+        path.append(node)
+    assert path == list(range(1, len(path) + 1)) and len(path) >= 2
+    assert tree.depths != sorted(tree.depths)  # not breadth-first: a depth-2 sibling follows the deep path
+
+
+def test_a_prefix_gather_is_a_crop_and_matches_the_general_gather() -> None:
+    """`keep_tail_entries` keeps a prefix of the tail by cropping; the same keep through the general gather
+    (an out-of-order keep, then the prefix) leaves the same tensors."""
+    torch.manual_seed(0)
+    keys = [torch.randn(1, 2, 9, 4) for _ in range(2)]
+    values = [torch.randn(1, 2, 9, 4) for _ in range(2)]
+
+    def cache_with_entries() -> DynamicCache:
+        cache = DynamicCache()
+        for layer, (key, value) in enumerate(zip(keys, values)):
+            cache.update(key.clone(), value.clone(), layer)
+        return cache
+
+    cropped = cache_with_entries()
+    keep_tail_entries(cropped, 5, [0, 1, 2])
+    gathered = cache_with_entries()
+    keep_tail_entries(gathered, 5, [1, 0, 2])  # the general path, then swap the first two back by hand
+    for layer in range(2):
+        assert cropped.layers[layer].keys.shape[-2] == 7
+        expected_keys, expected_values = keys[layer][..., :7, :], values[layer][..., :7, :]
+        assert torch.equal(cropped.layers[layer].keys, expected_keys)
+        assert torch.equal(cropped.layers[layer].values, expected_values)
+        swapped = gathered.layers[layer].keys[..., [0, 1, 2, 3, 5, 4, 6], :]
+        assert torch.equal(swapped, expected_keys)
+
+
+def test_node_pool_expands_the_best_finite_non_eos_nodes() -> None:
+    pool = NodePool()
+    pool.add_children([-1], 1, [[5, 7, 9]], [[-0.1, -1.0, -2.0]])
+    pool.add_children([0, 1], 2, [[2, 3], [4, 6]], [[-0.5, float("-inf")], [-0.2, -0.3]])
+    assert pool.scores[3:] == pytest.approx([-0.6, float("-inf"), -1.2, -1.3])
+    assert pool.parents == [-1, -1, -1, 0, 0, 1, 1] and pool.depths == [1, 1, 1, 2, 2, 2, 2]
+    assert pool.expandable(3, 2, frozenset(), float("-inf")) == [3, 5]
+    assert pool.expandable(3, 2, frozenset({2}), float("-inf")) == [5, 6]  # an EOS draft is never expanded
+    assert pool.expandable(3, 3, frozenset(), -0.5) == []  # the best path is below the floor: stop growing
+    assert pool.expandable(0, 2, frozenset(), float("-inf")) == [0, 3]
+    assert pool.path_to(6) == [6, 1]
+    tied = NodePool()
+    tied.add_children([-1], 1, [[1, 2, 3]], [[-1.0, -0.5, -0.5]])
+    assert tied.expandable(0, 2, frozenset(), float("-inf")) == [1, 2]  # ties keep the drafter's order
+
+
 def test_min_probability_stops_growth_early_and_stays_lossless(setup: Setup) -> None:
     """A high path-probability floor spends fewer drafter forwards per block; the output is the same."""
     generator = SpeculativeGenerator(setup.pair.target, setup.drafters["noisy-multimodal"], setup.pair.processor)
@@ -109,6 +215,62 @@ def test_min_probability_stops_growth_early_and_stays_lossless(setup: Setup) -> 
         assert output.generated_ids[0].tolist() == setup.reference(0, 29)
         forwards[floor] = (output.stats.drafter_forwards - 1) / output.stats.verification_steps
     assert forwards[0.9] < forwards[0.0], forwards
+
+
+def test_length_controller_leaves_greedy_lengths_to_the_drafter_confidence() -> None:
+    controller = LengthController(3, AdaptiveLength(max_tokens=9), confidence_decides=True)
+    assert controller.length == 9
+    for accepted in (0, 9, 4):
+        controller.update(requested=9, proposed=9, accepted=accepted)
+        assert controller.length == 9
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.7])
+def test_adaptive_greedy_block_stops_where_its_path_confidence_falls_below_the_threshold(setup: Setup,
+                                                                                        threshold: float) -> None:
+    """Each draft's probability, recomputed by a plain forward of the drafter LM over the block, multiplies
+    into the block's path confidence: the block ends at the first draft that takes it below the threshold."""
+    drafter = copy.deepcopy(setup.drafters["noisy-text"])
+    with torch.no_grad():  # a tiny random LM is almost uniform: sharpen it so that its confidence varies
+        drafter.get_output_embeddings().weight.mul_(SHARPEN)
+    inputs = setup.cases[3]
+    adapter, target = setup.adapter, setup.pair.target
+    request = DraftRequest(target=target, adapter=adapter, prompt_ids=inputs["input_ids"], image_inputs={},
+                           vision_features={}, settings=SamplingConfig(), eos_token_ids=frozenset(), replacement_id=0,
+                           confidence_threshold=threshold)
+    proposer = proposer_class_for(drafter)(drafter, request)
+    view = adapter.strip_image_tokens(inputs["input_ids"])
+    sequence = CommittedTokens(inputs["input_ids"], capacity=128)
+    sequence.append([11])
+    lengths = set()
+    with torch.no_grad():
+        proposer.prefill(sequence)
+        for _ in range(6):
+            drafts = proposer.propose(sequence, 12).token_list
+            ids = torch.cat([view, torch.tensor([sequence.generated + drafts])], dim=1)
+            probs = torch.softmax(drafter(input_ids=ids).logits[0].float(), dim=-1)
+            first = view.shape[1] + len(sequence.generated) - 1  # the row that predicts the first draft
+            confidences = [float(probs[first + index, token]) for index, token in enumerate(drafts)]
+            path = np.cumprod(confidences)
+            assert all(path[:-1] >= threshold), (confidences, threshold)
+            assert path[-1] < threshold or len(drafts) == 12
+            lengths.add(len(drafts))
+            proposer.commit(len(drafts) // 2)
+            sequence.append(drafts[: len(drafts) // 2] + [13])
+    assert len(lengths) >= 2, lengths
+
+
+def test_greedy_adaptive_blocks_ask_for_max_tokens_without_the_length_heuristic(setup: Setup) -> None:
+    """A threshold of 0 never stops a greedy block: every block drafts `max_tokens` (the budget aside), after
+    rejections too, where the +2/-1 rule would have shortened it."""
+    generator = SpeculativeGenerator(setup.pair.target, setup.drafters["noisy-text"], setup.pair.processor)
+    settings = AdaptiveLength(max_tokens=5, confidence_threshold=0.0)
+    output = generator.generate_from_inputs(setup.cases[1], max_new_tokens=40, num_draft_tokens=2,
+                                            strategy="adaptive", adaptive=settings, eos_token_id=[])
+    stats = output.stats
+    assert output.generated_ids[0].tolist() == setup.reference_without_eos(1, 40)
+    assert any(accepted < proposed for accepted, proposed in zip(stats.accepted_drafts, stats.proposed_drafts))
+    assert all(proposed == 5 for proposed, limited in zip(stats.proposed_drafts, stats.budget_limited) if not limited)
 
 
 def test_length_controller_follows_hf_heuristic() -> None:

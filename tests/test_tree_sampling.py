@@ -141,6 +141,8 @@ def test_tree_rule_reproduces_target_distribution_on_markov_chain() -> None:
 
 # ---- 2. the engine end to end ------------------------------------------------------------------------------
 TREE = TreeShape(size=4, depth=2, top_k=2, min_probability=0.0)
+# The drafter's first-choice path with runner-up leaves: fed by one-token steps, committed by a crop.
+PATH_TREE = TreeShape(size=4, depth=2, top_k=2, min_probability=0.0, width=1)
 MAX_NEW_TOKENS = 4  # the prefill token, then a depth-2 tree block and its bonus token (or more blocks)
 
 
@@ -152,29 +154,31 @@ def image_case(request):
     return pair, drafter, prompt_inputs(pair, "Describe the image.", random_image(21))
 
 
-def _tree_counts(pair, drafter, inputs, num_samples: int, first_seed: int = 0) -> tuple[Counter, int]:
+def _tree_counts(pair, drafter, inputs, num_samples: int, first_seed: int = 0, tree: TreeShape = TREE
+                 ) -> tuple[Counter, int]:
     generator = SpeculativeGenerator(pair.target, drafter, pair.processor)
     counts: Counter = Counter()
     branch_accepted = 0
     for seed in range(first_seed, first_seed + num_samples):
         output = generator.generate_from_inputs(
-            inputs, max_new_tokens=MAX_NEW_TOKENS, strategy="tree", tree=TREE, temperature=SETTINGS.temperature,
+            inputs, max_new_tokens=MAX_NEW_TOKENS, strategy="tree", tree=tree, temperature=SETTINGS.temperature,
             top_k=SETTINGS.top_k, repetition_penalty=SETTINGS.repetition_penalty, seed=seed, eos_token_id=[])
         counts[tuple(output.generated_ids[0].tolist())] += 1
         branch_accepted += output.stats.branch_accepted
     return counts, branch_accepted
 
 
-def test_engine_tree_samples_from_target_distribution(image_case, monkeypatch) -> None:
+@pytest.mark.parametrize("tree", [TREE, PATH_TREE], ids=["eagle", "width-1"])
+def test_engine_tree_samples_from_target_distribution(image_case, monkeypatch, tree: TreeShape) -> None:
     pair, drafter, inputs = image_case
     exact = _exact_law(pair.target, inputs, MAX_NEW_TOKENS)
     num_samples = 600
-    counts, branch_accepted = _tree_counts(pair, drafter, inputs, num_samples)
+    counts, branch_accepted = _tree_counts(pair, drafter, inputs, num_samples, tree=tree)
     assert branch_accepted > 0, "no second child was ever accepted: the sibling recursion was not exercised"
     tv = total_variation(counts, exact, num_samples)
     assert tv < tv_bound(len(exact), num_samples), (tv, len(exact))
     # The engine really calls the tree rule: a blatant bug in it shows (subtle ones: the Markov test above).
     monkeypatch.setattr(engine_module, "accept_tree_sampled", always_first_child)
-    broken_counts, _ = _tree_counts(pair, drafter, inputs, 100, first_seed=10**6)
+    broken_counts, _ = _tree_counts(pair, drafter, inputs, 100, first_seed=10**6, tree=tree)
     broken_tv = total_variation(broken_counts, exact, 100)
     assert broken_tv > tv_bound(len(exact), 100), broken_tv

@@ -163,9 +163,11 @@ class SpeculativeGenerator:
         self._check_lengths(max_new_tokens, num_draft_tokens)
         check_strategy(strategy)
         tree_shape = (tree or TreeShape()) if strategy == "tree" else None
-        length_controller = LengthController(num_draft_tokens, adaptive or AdaptiveLength()) \
-            if strategy == "adaptive" else None
         settings = self.resolve_settings(temperature, top_p, top_k, repetition_penalty, **sampling_settings)
+        adaptive = adaptive or AdaptiveLength()
+        length_controller = LengthController(
+            num_draft_tokens, adaptive, confidence_decides=settings.greedy and adaptive.confidence_threshold is not None
+        ) if strategy == "adaptive" else None
         input_ids, image_inputs = self._request_inputs(processor_outputs)
         eos_ids = self._eos_ids(eos_token_id)
         random = RandomStreams(seed)

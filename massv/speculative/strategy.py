@@ -1,9 +1,10 @@
 """How much to draft per block: a fixed chain of γ, a chain whose length adapts per request, or a tree.
 
 - `chain`: γ drafts every block (`num_draft_tokens`).
-- `adaptive`: a chain whose length follows Hugging Face's heuristic (+2 after a fully accepted block, -1
-  after a rejection) and which, under greedy decoding, stops early when the drafter's probability of its
-  own guess falls below a threshold (HF's `assistant_confidence_threshold`): it knows when it is guessing.
+- `adaptive`: a chain whose length, under greedy decoding, the drafter's confidence sets block by block (it
+  stops once its probability that the whole block is right falls below a threshold: it knows when it is
+  guessing), and which under sampling follows Hugging Face's heuristic (+2 after a fully accepted block,
+  -1 after a rejection).
 - `tree`: EAGLE-2's dynamic draft tree (`massv.speculative.proposers.tree`), verified in one target forward.
 
 The settings are plain frozen dataclasses so a benchmark or the CLI can name a configuration exactly.
@@ -20,6 +21,13 @@ STRATEGIES = ("chain", "tree", "adaptive")
 class TreeShape:
     """An EAGLE-2 draft tree: `depth` drafter forwards, `top_k` children per expanded node, `size` nodes kept.
 
+    `width`: how many of the newest depth's nodes are expanded (fed to the drafter) per depth; None: `top_k`,
+    as in EAGLE-2. `width=1` expands only the drafter's best path: every depth is then a plain one-token
+    drafter step on a causal cache (no tree mask, the compiled step when there is one, a crop to commit), and
+    the tree is that path plus each of its nodes' `top_k - 1` runner-up children as leaves, which the target
+    verifies in the same forward. Where a drafter forward is not much cheaper than a target one per token
+    (CPUs, small targets), that is most of a tree's gain for a chain's drafting cost.
+
     The target scores every node, so `size` is the verification width. The defaults (16 nodes, depth 10,
     top-3, stop below path probability 0.25) were chosen on a validation world (held-out seed 2, not the
     reported seed 1) on a 2-core CPU, where a drafter forward costs about a sixth of a target forward;
@@ -35,24 +43,38 @@ class TreeShape:
     depth: int = 10
     top_k: int = 3
     min_probability: float = 0.25
+    width: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("size", "depth", "top_k"):
+        for name in ("size", "depth", "top_k", "width"):
             value = getattr(self, name)
+            if name == "width" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"tree {name} must be an integer >= 1, got {value!r}")
+
+    @property
+    def expanded_per_depth(self) -> int:
+        """Nodes fed to the drafter per depth (`width`, else EAGLE-2's `top_k`)."""
+        return self.width if self.width is not None else self.top_k
         if not 0.0 <= self.min_probability < 1.0:
             raise ValueError(f"tree min_probability must lie in [0, 1), got {self.min_probability!r}")
 
 
 @dataclass(frozen=True)
 class AdaptiveLength:
-    """Per-request chain length: starts at γ, +2 after full acceptance, -1 after a rejection, in [1, max_tokens].
+    """Per-request chain length, up to `max_tokens` drafts per block.
 
-    `confidence_threshold`: under greedy decoding the drafter stops a block when its probability of its guess
-    is below this (None: never); a block cut short that way and fully accepted leaves the length unchanged.
-    Sampling uses the +2/-1 rule alone: a sampled draft is kept with probability min(1, p/q), which the
-    drafter's q(x) does not predict (a drafter identical to the target is always accepted, however low q(x)).
+    Greedy with a `confidence_threshold`: each block drafts until the drafter's probability that the whole
+    block so far is right (the product of its probabilities of its own guesses) falls below the threshold.
+    Greedy drafts survive iff they are the target's argmax, which a distilled drafter's confidence tracks
+    (`eval/results/strategies_adaptive.md`), so the drafter's own estimate, block by block, sets the length;
+    the +2/-1 rule below, a proxy for the same thing that lags one block behind, is not applied then.
+
+    Sampling, or `confidence_threshold=None`: Hugging Face's heuristic, starting at γ: +2 after a fully
+    accepted block, -1 after a rejection, in [1, max_tokens]. A sampled draft is kept with probability
+    min(1, p/q), which the drafter's q(x) does not predict (a drafter identical to the target is always
+    accepted, however low q(x)).
     """
 
     max_tokens: int = 16
@@ -67,14 +89,20 @@ class AdaptiveLength:
 
 
 class LengthController:
-    """One request's current chain length under `AdaptiveLength` (HF's `num_assistant_tokens` heuristic)."""
+    """One request's current chain length under `AdaptiveLength`.
 
-    def __init__(self, start: int, settings: AdaptiveLength) -> None:
+    `confidence_decides`: the proposer stops each block on the drafter's confidence (greedy with a threshold),
+    so every block may draft `max_tokens`; else HF's `num_assistant_tokens` heuristic moves the length."""
+
+    def __init__(self, start: int, settings: AdaptiveLength, confidence_decides: bool = False) -> None:
         self.settings = settings
-        self.length = max(1, min(start, settings.max_tokens))
+        self.confidence_decides = confidence_decides
+        self.length = settings.max_tokens if confidence_decides else max(1, min(start, settings.max_tokens))
 
     def update(self, requested: int, proposed: int, accepted: int) -> None:
         """After a block that asked for `requested` drafts, got `proposed`, and kept `accepted` of them."""
+        if self.confidence_decides:
+            return
         if accepted < proposed:
             self.length = max(1, self.length - 1)
         elif proposed == requested:

@@ -1,8 +1,9 @@
 """A draft tree and what a forward over it needs: per-node positions, ancestor masks, and the KV gather.
 
 Node 0 is the root, the last committed token (fed again in front of the drafts, as in a chain); nodes 1..n
-are drafts in breadth-first order, so a parent always precedes its children and siblings follow the
-drafter's preference (the first child is the drafter's top guess). A node at depth d sits at sequence
+are drafts in an order where a parent always precedes its children and siblings follow the drafter's
+preference (the first child is the drafter's top guess). The tree proposer lists the first-choice path
+first, so that accepting it keeps a prefix of the nodes: a crop of the KV caches, not a gather. A node at depth d sits at sequence
 position `root_position + d`, and attends to the committed prefix and to its own ancestors only: that is
 what makes one forward over all n + 1 nodes score every root-to-node path at once (SpecInfer, EAGLE).
 
@@ -132,6 +133,9 @@ def keep_tail_entries(cache: DynamicCache, num_tail: int, keep: Sequence[int]) -
     sliding-window layers that record their past back to their window.
     """
     num_dropped = num_tail - len(keep)
+    if list(keep) == list(range(len(keep))):  # a prefix of the tail (a tree's first-choice path): no copy
+        cache.crop(-num_dropped)
+        return
     for layer in cache.layers:
         if not layer.is_initialized or layer.keys is None or layer.keys.shape[-2] < num_tail:
             continue

@@ -58,7 +58,8 @@ class DraftRequest:
     random: RandomStreams = field(default_factory=lambda: RandomStreams(None))
     new_positions: int = 0  # positions the request may add after the prompt (generated tokens and drafts)
     static_decoder: Any = None  # a StaticDecoder when the generator was built with compile_drafter=True
-    # Adaptive chains: stop a block once the drafter's probability of its own guess falls below this.
+    # Adaptive chains (greedy): stop a block once the drafter's probability that all its drafts so far are right
+    # (the product of its probabilities of its own guesses) falls below this.
     confidence_threshold: float | None = None
     target_tokenizer: Any = None  # the target's tokenizer (the processor's): a foreign-tokenizer drafter reads text
 

@@ -128,6 +128,7 @@ class CausalLMProposer(Proposer):
         probs = None if settings.greedy else torch.zeros(
             max_tokens, self.request.target_vocab_size, device=self.request.target.device)
         threshold = self.request.confidence_threshold
+        path_confidence = 1.0  # the drafter's probability that every draft of this block so far is right
         for index in range(max_tokens):
             logits = self._forward(pending)[:, : self.draftable]  # (1, draftable)
             seen = None if block_history is None else block_history.seen.unsqueeze(0)
@@ -146,9 +147,10 @@ class CausalLMProposer(Proposer):
                 if int(token) in self.request.eos_token_ids:  # the draft's one host sync
                     break  # nothing after an end-of-sequence draft could ever be emitted
             else:
-                token_id, confidence = torch.stack([token[0].to(q.dtype), q[0, token[0]]]).tolist()  # one sync
-                if int(token_id) in self.request.eos_token_ids or confidence < threshold:
-                    break  # the drafter is guessing: spend no more forwards on this block
+                token_id, confidence = torch.stack([token[0].to(torch.float64), q[0, token[0]].double()]).tolist()
+                path_confidence *= confidence  # (one sync, as above)
+                if int(token_id) in self.request.eos_token_ids or path_confidence < threshold:
+                    break  # the block is likely wrong by now: spend no more forwards on it
             if block_history is not None:
                 block_history.add(token)
             pending = self._readable(token.view(1, 1))

@@ -104,7 +104,7 @@ class StaticDecoder:
     def keep_slots(self, start: int, slots: list[int]) -> None:
         """Move the entries at cache `slots` (in that order) to `start, start + 1, ...` and keep the cache up to
         there: a tree's accepted path gathered into place, in place (compiled graphs keep their buffers)."""
-        if slots:
+        if slots and slots != list(range(start, start + len(slots))):  # already in place: nothing to move
             source = torch.tensor(slots, dtype=torch.long, device=self.device)
             target = torch.arange(start, start + len(slots), device=self.device)
             for layer in self.cache.layers:

@@ -3,11 +3,15 @@
 One block:
   1. feed the drafter the committed tokens it has not seen (the last is the tree's root): its
      distribution there gives the root's `top_k` children;
-  2. for each further depth, ONE batched drafter forward over the `top_k` most probable nodes of the
-     newest layer (each at position root + depth, seeing the prefix and its ancestors through a tree mask
-     on the drafter's own KV cache); each gives `top_k` children, scored by cumulative log-probability;
+  2. for each further depth, ONE batched drafter forward over the `width` (EAGLE-2: `top_k`) most probable
+     nodes of the newest layer (each at position root + depth, seeing the prefix and its ancestors through a
+     tree mask on the drafter's own KV cache); each gives `top_k` children, scored by cumulative
+     log-probability. While the fed nodes form one path (always with `width=1`) the cache is a plain causal
+     sequence, so the step is the chain's one-token step, without a mask;
   3. keep the `size` best nodes over all depths by cumulative log-probability (a child is never more
-     probable than its parent, so the kept set is a tree), in breadth-first order.
+     probable than its parent, so the kept set is a tree): first the drafter's first-choice path, then the
+     rest breadth-first, so that the target accepting that path (the usual case at T = 0) is a crop of
+     both caches rather than a gather.
 After the target's verdict the accepted nodes' cache entries are gathered into place and the rest dropped.
 
 Nodes are chosen deterministically (top-k), also when sampling: `accept_tree_sampled` is exact for any
@@ -46,9 +50,9 @@ class TreeProposer(Proposer):
         self.base = base
         self.shape = shape
         # The static (compiled) path when the generator has one and a whole tree fits behind the request's
-        # tokens: every depth feeds `top_k` nodes (the frontier padded), so one compiled graph serves them all.
+        # tokens: every masked depth feeds `width` nodes (the frontier padded), so one compiled graph serves them all.
         static = base.static
-        tree_slots = shape.depth * shape.top_k
+        tree_slots = shape.depth * shape.expanded_per_depth
         if static is not None and static.fits(base.prompt.shape[1] + base.request.new_positions + tree_slots):
             self.static = static
         else:
@@ -77,7 +81,7 @@ class TreeProposer(Proposer):
         """A tree of at most `shape.size` nodes and depth `min(shape.depth, max_tokens)`."""
         base, request = self.base, self.request
         depth_limit = min(self.shape.depth, max_tokens)
-        top_k = self.shape.top_k
+        width = self.shape.expanded_per_depth
         device = base.device
         pending = base._readable(sequence.generated_ids(base.cached - base.prompt.shape[1]).to(device))
         history = base._history_for_block(sequence)
@@ -86,55 +90,55 @@ class TreeProposer(Proposer):
         self.root_slots = root_position = base.cached
         root_position -= 1
 
-        # Pool of candidate nodes: token and cumulative log-prob (tensors, grown one depth at a time), parent
-        # (pool index, -1 = root) and depth (host lists: the masks and the kept tree are built from them).
-        pool_parent: list[int] = []
-        pool_depth: list[int] = []
-        self._parent, self._depth = pool_parent, pool_depth  # read by `_masks`
+        pool = NodePool()
+        self._parent, self._depth = pool.parents, pool.depths  # read by `_masks`
         fed: list[int] = []  # pool indices in drafter cache order
         # Which tree slots each fed slot sees (its ancestors and itself), one row per slot; the extra last row
         # stays empty: the root's children and the static path's fillers take it as their parent's.
-        tree_slots = depth_limit * top_k
+        tree_slots = depth_limit * width
         fed_visible = torch.zeros(tree_slots + 1, tree_slots, dtype=torch.bool, device=device)
         fed_row_of: dict[int, int] = {}  # pool index -> its slot among the fed (`fed`'s inverse, fillers aside)
-        log_probs = self._log_probs(root_logits, None if seen is None else seen.unsqueeze(0))[0]
-        values, ids = log_probs.topk(min(top_k, log_probs.shape[-1]))
-        pool_tokens, pool_scores = ids, values
-        self._add_children(pool_parent, pool_depth, ids.numel(), [-1], 1)
+        # While every fed node is the previous one's child, the fed slots are one causal path: the chain's
+        # one-token step sees exactly its ancestors, and `fed_visible` (lower-triangular then) is filled only
+        # if a wider depth comes later.
+        fed_is_path = True
+        pool.add_children([-1], 1, *self._top_children(root_logits, None if seen is None else seen.unsqueeze(0)))
         frontier_start = 0  # the newest depth's nodes are the pool's tail
         forwards = 1
-        eos = torch.tensor(sorted(request.eos_token_ids), dtype=torch.long, device=device)
         min_log_probability = math.log(self.shape.min_probability) if self.shape.min_probability > 0 else -math.inf
         for depth in range(2, depth_limit + 1):
-            expand, best = self._expandable(frontier_start, pool_tokens, pool_scores, eos, top_k)
-            if not expand or best < min_log_probability:
+            expand = pool.expandable(frontier_start, width, request.eos_token_ids, min_log_probability)
+            if not expand:
                 break
-            expand_index = torch.tensor(expand, dtype=torch.long, device=device)
-            node_ids = pool_tokens[expand_index].view(1, -1)
+            node_ids = torch.tensor([[pool.tokens[index] for index in expand]], dtype=torch.long, device=device)
             positions = root_position + depth - 1  # the whole frontier sits at one depth
-            padding = top_k - len(expand) if self.static is not None else 0
-            masks = self._masks(expand, fed, fed_visible, fed_row_of, positions, padding)
-            if self.static is None:
-                logits = base.forward_nodes(node_ids, torch.full((len(expand),), positions, device=device), masks,
-                                            readable=self.nodes_readable)
+            padding = 0
+            if fed_is_path and len(expand) == 1 and pool.parents[expand[0]] == (fed[-1] if fed else -1):
+                # The next node of one path: a causal step (position == the cache length) is the tree mask.
+                logits = base._forward(node_ids if self.nodes_readable else base._readable(node_ids))
             else:
-                logits = self._static_nodes(node_ids, positions, masks, padding)
+                if fed_is_path:  # leaving the path: from here on masks, which read the path's visibility
+                    fed_visible[: len(fed), : len(fed)] = torch.ones(len(fed), len(fed), dtype=torch.bool,
+                                                                     device=device).tril()
+                    fed_is_path = False
+                padding = width - len(expand) if self.static is not None else 0
+                masks = self._masks(expand, fed, fed_visible, fed_row_of, positions, padding)
+                if self.static is None:
+                    logits = base.forward_nodes(node_ids, torch.full((len(expand),), positions, device=device),
+                                                masks, readable=self.nodes_readable)
+                else:
+                    logits = self._static_nodes(node_ids, positions, masks, padding)
             fed_row_of.update((index, len(fed) + row) for row, index in enumerate(expand))
             fed += expand + [PADDING] * padding
             forwards += 1
-            rows_seen = None if seen is None else self._seen_rows(seen, expand, pool_tokens, pool_parent)
-            log_probs = self._log_probs(logits[:, : base.draftable], rows_seen)  # (q, draftable)
-            values, ids = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1)
-            cumulative = pool_scores[expand_index].view(-1, 1) + values
-            frontier_start = len(pool_parent)
-            pool_tokens = torch.cat([pool_tokens, ids.reshape(-1)])
-            pool_scores = torch.cat([pool_scores, cumulative.reshape(-1)])
-            self._add_children(pool_parent, pool_depth, ids.shape[1], expand, depth)
-        tree, chosen = self._best_tree(pool_parent, pool_depth, pool_scores)
+            rows_seen = None if seen is None else self._seen_rows(seen, expand, pool)
+            frontier_start = len(pool)
+            pool.add_children(expand, depth, *self._top_children(logits[:, : base.draftable], rows_seen))
+        tree, chosen = self._best_tree(pool)
         self.node_slots = {node: self.root_slots + fed_row_of[index] for node, index in enumerate(chosen, start=1)
                            if index in fed_row_of}
         self.last_tree = tree
-        tokens = pool_tokens[torch.tensor(chosen, dtype=torch.long, device=device)].to(request.target.device)
+        tokens = torch.tensor([pool.tokens[index] for index in chosen], dtype=torch.long, device=request.target.device)
         return Proposal(tokens, None, forwards=forwards, tree=tree)
 
     def commit(self, num_accepted: int) -> None:
@@ -161,36 +165,18 @@ class TreeProposer(Proposer):
         base.cached = self.root_slots + len(fed_path)
 
     # ---- growing -----------------------------------------------------------------------------------------
-    def _log_probs(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
-        """Log-probabilities of the drafter's processed scores (the same processors the target's get)."""
-        return torch.log_softmax(self.base.processor(logits, seen), dim=-1)
-
-    @staticmethod
-    def _add_children(parents: list[int], depths: list[int], per_parent: int, parent_indices: list[int],
-                      depth: int) -> None:
-        """Record `per_parent` children of each of `parent_indices` (their tokens and scores are added by the
-        caller, row by row in the same order)."""
-        for parent in parent_indices:
-            parents.extend([parent] * per_parent)
-        depths.extend([depth] * (per_parent * len(parent_indices)))
-
-    @staticmethod
-    def _expandable(frontier_start: int, tokens: torch.Tensor, scores: torch.Tensor, eos: torch.Tensor, top_k: int
-                    ) -> tuple[list[int], float]:
-        """The `top_k` most probable nodes of the newest depth (pool indices from `frontier_start` on) worth
-        expanding (none after an end-of-sequence draft), and the best one's cumulative log-probability."""
-        values = scores[frontier_start:]
-        if eos.numel():
-            values = values.masked_fill(torch.isin(tokens[frontier_start:], eos), float("-inf"))
-        order = torch.argsort(values, descending=True, stable=True)[:top_k]
-        chosen = values[order]
-        order_list, chosen_list = torch.stack([order.to(chosen.dtype), chosen]).tolist()  # one sync per depth
-        expand = [frontier_start + int(index) for index, value in zip(order_list, chosen_list) if math.isfinite(value)]
-        return expand, chosen_list[0] if chosen_list else -math.inf
+    def _top_children(self, logits: torch.Tensor, seen: torch.Tensor | None) -> tuple[list[list[int]], list[list[float]]]:
+        """Each row's `top_k` ids and their log-probabilities under the drafter's processed scores (the same
+        processors the target's get), read back in one transfer: `(rows, top_k)` host lists."""
+        log_probs = torch.log_softmax(self.base.processor(logits, seen), dim=-1)
+        values, ids = log_probs.topk(min(self.shape.top_k, log_probs.shape[-1]), dim=-1)
+        # float64 holds every id exactly (float32 would round ids past 2**24)
+        ids_list, values_list = torch.stack([ids.to(torch.float64), values.to(torch.float64)]).tolist()
+        return [[int(token) for token in row] for row in ids_list], values_list
 
     def _static_nodes(self, node_ids: torch.Tensor, position: int, masks: dict[str, torch.Tensor],
                       padding: int) -> torch.Tensor:
-        """The compiled depth step over `top_k` slots: the frontier, then `padding` copies of its first node
+        """The compiled depth step over `width` slots: the frontier, then `padding` copies of its first node
         (their rows are dropped; each sees only the prefix and itself, so its attention stays finite)."""
         base = self.base
         ids = torch.cat([node_ids, node_ids[:, :1].expand(1, padding)], dim=1)
@@ -244,32 +230,78 @@ class TreeProposer(Proposer):
         return tree_attention_masks(self.layout, base.cache, query_positions, torch.cat(key_positions).to(base.device),
                                     visible, self.dtype)
 
-    def _seen_rows(self, seen: torch.Tensor, nodes: list[int], tokens: torch.Tensor, parents: list[int]
-                   ) -> torch.Tensor:
+    def _seen_rows(self, seen: torch.Tensor, nodes: list[int], pool: NodePool) -> torch.Tensor:
         """Per-node repetition-penalty history: the committed tokens plus the node's path."""
         rows = seen.unsqueeze(0).repeat(len(nodes), 1)
-        for row, index in enumerate(nodes):
-            path, node = [], index
-            while node != -1:  # drafts lie in the drafter's draftable ids, the width of `seen`
-                path.append(node)
-                node = parents[node]
-            rows[row].index_fill_(0, tokens[torch.tensor(path, dtype=torch.long, device=tokens.device)], True)
+        for row, index in enumerate(nodes):  # drafts lie in the drafter's draftable ids, the width of `seen`
+            path = torch.tensor([pool.tokens[node] for node in pool.path_to(index)], dtype=torch.long,
+                                device=seen.device)
+            rows[row].index_fill_(0, path, True)
         return rows
 
-    def _best_tree(self, parents: list[int], depths: list[int], scores: torch.Tensor) -> tuple[DraftTree, list[int]]:
-        """The `size` most probable pool nodes (ties: earlier first, so parents precede children), BFS order."""
-        values = scores
-        order = torch.argsort(values, descending=True, stable=True)
-        finite = torch.isfinite(values[order])
-        ranked = [index for index, ok in zip(order.tolist(), finite.tolist()) if ok][: self.shape.size]
+    def _best_tree(self, pool: NodePool) -> tuple[DraftTree, list[int]]:
+        """The `size` most probable pool nodes (ties: earlier first, so parents precede children): the
+        first-choice path from the root first, then the others breadth-first.
+
+        Siblings enter the pool in the drafter's order of preference, so a node's first kept child (lowest pool
+        index) is its most probable one, and every order below keeps siblings in that order."""
+        scores, parents, depths = pool.scores, pool.parents, pool.depths
+        finite = [index for index in range(len(pool)) if math.isfinite(scores[index])]
+        ranked = sorted(finite, key=lambda index: -scores[index])[: self.shape.size]  # stable: ties keep order
         # parent + log q <= parent in floating point too, and ties keep the earlier (parent) first: the
         # ranked set holds every ranked node's parent. The filter only guards that invariant.
-        kept, node_of = [], {}
+        breadth_first, first_child, present = [], {}, {-1}
         for index in sorted(ranked, key=lambda index: (depths[index], index)):
-            if parents[index] == -1 or parents[index] in node_of:
-                kept.append(index)
-                node_of[index] = len(kept)
+            if parents[index] in present:
+                breadth_first.append(index)
+                present.add(index)
+                first_child.setdefault(parents[index], index)
+        path, node = [], first_child.get(-1)
+        while node is not None:
+            path.append(node)
+            node = first_child.get(node)
+        on_path = set(path)
+        kept = path + [index for index in breadth_first if index not in on_path]
+        node_of = {index: position for position, index in enumerate(kept, start=1)}
         tree = DraftTree(parents=[0 if parents[index] == -1 else node_of[parents[index]] for index in kept],
                          depths=[depths[index] for index in kept])
         return tree, kept
 
+
+class NodePool:
+    """One block's candidate nodes, on the host: a tree has tens of nodes, and every choice made from them
+    (which to expand, which to keep) is control flow, so one read-back per depth beats tensor bookkeeping."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.scores: list[float] = []  # cumulative drafter log-probability of the path to the node
+        self.parents: list[int] = []  # pool index, -1 for the root's children
+        self.depths: list[int] = []  # 1 for the root's children
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def add_children(self, parents: list[int], depth: int, ids: list[list[int]], log_probs: list[list[float]]) -> None:
+        """Row i of `ids` / `log_probs` holds the children of `parents[i]` (-1: the root), best first."""
+        for parent, row_ids, row_log_probs in zip(parents, ids, log_probs):
+            base = self.scores[parent] if parent >= 0 else 0.0
+            self.tokens.extend(row_ids)
+            self.scores.extend(base + value for value in row_log_probs)
+            self.parents.extend([parent] * len(row_ids))
+            self.depths.extend([depth] * len(row_ids))
+
+    def expandable(self, start: int, width: int, eos_token_ids: frozenset[int], floor: float) -> list[int]:
+        """The `width` most probable nodes from pool index `start` on (the newest depth) worth expanding: not an
+        end-of-sequence draft (nothing follows it), with a finite score; none if the best is below `floor`."""
+        candidates = [index for index in range(start, len(self.tokens))
+                      if self.tokens[index] not in eos_token_ids and math.isfinite(self.scores[index])]
+        chosen = sorted(candidates, key=lambda index: -self.scores[index])[:width]  # stable: ties keep order
+        return chosen if chosen and self.scores[chosen[0]] >= floor else []
+
+    def path_to(self, index: int) -> list[int]:
+        """Pool indices from `index` up to the root's child."""
+        path = []
+        while index != -1:
+            path.append(index)
+            index = self.parents[index]
+        return path
