@@ -43,10 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-prompts", type=int, default=40, help="held-out questions (the demo's: 40)")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="(the demo's: 96)")
     parser.add_argument("--gammas", type=int, nargs="+", default=list(range(1, 9)))
-    parser.add_argument("--tree-sizes", type=int, nargs="+", default=[4, 8, 16, 24, 32])
+    parser.add_argument("--tree-sizes", type=int, nargs="+", default=[6, 10, 16])
     parser.add_argument("--tree-depth", type=int, default=10)
     parser.add_argument("--tree-top-k", type=int, default=3)
-    parser.add_argument("--tree-min-probability", type=float, default=0.25)
+    parser.add_argument("--tree-min-probability", type=float, default=0.4)
+    parser.add_argument("--tree-widths", type=int, nargs="+", default=[1, 0],
+                        help="nodes expanded per depth, one tree sweep each (0: --tree-top-k, EAGLE-2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per row (median reported)")
     parser.add_argument("--compiled", action="store_true",
                         help="also every row with the compiled drafter (compile_drafter=True), compared among themselves")
@@ -155,11 +157,14 @@ def plot(path: Path, report: dict[str, Any]) -> None:
         axes[1].plot([row["num_draft_tokens"] for row in chains], [row["tokens_per_second"] for row in chains], "o-",
                      color=line.get_color(), label=f"chain γ, {temp}")
         axes[1].axhline(adaptive["tokens_per_second"], color=line.get_color(), ls=":", label=f"adaptive, {temp}")
-        twin_color = "tab:green" if temp == "T=0" else "tab:red"
-        axes[0].plot([row["tree_size"] / 4 for row in trees], [row["tokens_per_target_forward"] for row in trees],
-                     "s--", color=twin_color, label=f"tree n (x/4), {temp}")
-        axes[1].plot([row["tree_size"] / 4 for row in trees], [row["tokens_per_second"] for row in trees], "s--",
-                     color=twin_color, label=f"tree n (x/4), {temp}")
+        for width in sorted({row.get("tree_width", 1) for row in trees}):  # one tree-size sweep per width
+            sweep = [row for row in trees if row.get("tree_width", 1) == width]
+            style = "s--" if width == 1 else "d-."
+            label = f"tree n (x/4){'' if width == 1 else f', width {width}'}, {temp}"
+            axes[0].plot([row["tree_size"] / 4 for row in sweep], [row["tokens_per_target_forward"] for row in sweep],
+                         style, label=label)
+            axes[1].plot([row["tree_size"] / 4 for row in sweep], [row["tokens_per_second"] for row in sweep], style,
+                         label=label)
         for row in (next(r for r in chains if r["name"] == CHAIN_REFERENCE), adaptive,
                     max(trees, key=lambda r: r["tokens_per_target_forward"])):
             values = row["position_acceptance"]
@@ -194,7 +199,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     references = target_references(models.target, cases, args.max_new_tokens)
     runs = default_runs(tuple(args.gammas), tuple(args.tree_sizes), args.tree_depth, args.tree_top_k,
-                        args.tree_min_probability, compiled=args.compiled)
+                        args.tree_min_probability, compiled=args.compiled,
+                        tree_widths=tuple(width or None for width in args.tree_widths))
     rows, target_speed = {}, {}
     for temperature in args.temperatures:
         name = f"T={temperature:g}"

@@ -36,9 +36,10 @@ PROMPTS = ["Describe the image.", "What colour is the square?", "How many circle
            "Where is the red star?", "Write a caption."]
 NOISE = 0.5
 SHARPEN = 60.0  # output-embedding scale that makes a tiny random drafter's confidence vary across (0, 1)
-# small fixed-depth; the default; the first-choice path with runner-up leaves (width 1)
-TREES = (TreeShape(size=6, depth=3, top_k=2, min_probability=0.0), TreeShape(),
-         TreeShape(size=8, depth=6, top_k=3, width=1, min_probability=0.0))
+# EAGLE-2 (every depth expands top_k nodes) small and fixed-depth; the default (width 1: the first-choice
+# path with runner-up leaves); EAGLE-2 at this project's earlier default shape
+TREES = (TreeShape(size=6, depth=3, top_k=2, min_probability=0.0, width=None), TreeShape(),
+         TreeShape(size=16, depth=10, top_k=3, min_probability=0.25, width=None))
 
 
 @dataclass
@@ -359,8 +360,9 @@ def test_tree_verification_and_gather_match_recompute(setup: Setup) -> None:
         assert len(committed) > target.config.get_text_config().sliding_window  # the window was crossed
 
 
+@pytest.mark.parametrize("width", [None, 1])
 @pytest.mark.parametrize("drafter_kind", ["noisy-multimodal", "noisy-text"])
-def test_drafter_cache_after_gather_matches_recompute(setup: Setup, drafter_kind: str) -> None:
+def test_drafter_cache_after_gather_matches_recompute(setup: Setup, drafter_kind: str, width: int | None) -> None:
     """After rounds of tree drafting and random accepted paths, the drafter's cache equals a fresh one's."""
     drafter = setup.drafters[drafter_kind]
     inputs = setup.cases[2]
@@ -371,7 +373,7 @@ def test_drafter_cache_after_gather_matches_recompute(setup: Setup, drafter_kind
                            image_inputs=_image_inputs(setup, inputs), vision_features=features,
                            settings=SamplingConfig(), eos_token_ids=frozenset(), replacement_id=0)
     proposer_class = proposer_class_for(drafter)
-    shape = TreeShape(size=8, depth=4, top_k=3, min_probability=0.0)
+    shape = TreeShape(size=8, depth=4, top_k=3, min_probability=0.0, width=width)
 
     def started(sequence: CommittedTokens) -> TreeProposer:
         proposer = TreeProposer(proposer_class(drafter, request), shape)

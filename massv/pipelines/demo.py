@@ -329,13 +329,14 @@ def run_demo(out: Path, quick: bool = False, from_scratch: bool = False, config_
 
 def strategy_rows(target: Any, massv_by_temperature: dict[float, Any], processor: Any, samples: list[Any],
                   max_new_tokens: int, seed: int) -> dict[str, list[dict[str, Any]]]:
-    """The full MASSV drafter of each temperature under a γ = 5 chain, an adaptive chain and the default tree,
-    on the held-out prompts, one timed pass interleaved with the target alone; greedy rows checked against
-    the target's own output."""
+    """The full MASSV drafter of each temperature under a γ = 5 chain, an adaptive chain, the default tree and
+    an EAGLE-2-wide tree, on the held-out prompts, one timed pass interleaved with the target alone; greedy
+    rows checked against the target's own output."""
     adapter = get_adapter(target.config)
     cases = [sample_inputs(processor, adapter, sample) for sample in samples]
     runs = [StrategyRun("chain γ=5", "chain", 5), StrategyRun("adaptive", "adaptive", 5, adaptive=AdaptiveLength()),
-            StrategyRun("tree (default)", "tree", tree=TreeShape())]
+            StrategyRun("tree (default)", "tree", tree=TreeShape()),
+            StrategyRun("tree (EAGLE-2 width, n=16)", "tree", tree=TreeShape(size=16, min_probability=0.25, width=None))]
     references = target_references(target, cases, max_new_tokens)
     rows = {}
     for temperature, drafter in massv_by_temperature.items():

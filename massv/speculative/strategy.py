@@ -28,10 +28,12 @@ class TreeShape:
     verifies in the same forward. Where a drafter forward is not much cheaper than a target one per token
     (CPUs, small targets), that is most of a tree's gain for a chain's drafting cost.
 
-    The target scores every node, so `size` is the verification width. The defaults (16 nodes, depth 10,
-    top-3, stop below path probability 0.25) were chosen on a validation world (held-out seed 2, not the
-    reported seed 1) on a 2-core CPU, where a drafter forward costs about a sixth of a target forward;
-    EAGLE-2's GPU defaults are 60 nodes, depth 6, top-10.
+    The target scores every node, so `size` is the verification width. The defaults (10 nodes, depth 10,
+    top-3, width 1, stop below path probability 0.4) were chosen on a validation world (held-out seed 2, not
+    the reported seed 1) on a 2-core CPU, where a drafter forward costs about an eighth of a target forward
+    and every verified node adds to the target's time (`eval/results/strategies_adaptive.md`). On a GPU,
+    where verifying 60 nodes costs what verifying 6 does, EAGLE-2's shape is the one to start from:
+    `TreeShape(size=60, depth=6, top_k=10, width=10, min_probability=0.0)`.
 
     `min_probability`: stop growing before `depth` once no frontier node's path has at least this drafter
     probability. A deeper layer's nodes are accepted about as often as their path probabilities say (the
@@ -39,11 +41,11 @@ class TreeShape:
     brings. 0 gives EAGLE-2's fixed depth.
     """
 
-    size: int = 16
+    size: int = 10
     depth: int = 10
     top_k: int = 3
-    min_probability: float = 0.25
-    width: int | None = None
+    min_probability: float = 0.4
+    width: int | None = 1
 
     def __post_init__(self) -> None:
         for name in ("size", "depth", "top_k", "width"):
