@@ -41,17 +41,18 @@ def test_quick_demo_end_to_end_and_reuses_only_unchanged_stages(tmp_path, capsys
             assert summary["mean_accepted_length"] == pytest.approx(sum(lengths) / len(lengths), rel=1e-12)
             if temperature == "0":
                 assert summary["lossless_mismatches"] == sum(not row["identical_to_target"] for row in rows) == 0
-    # (d) under each strategy: three greedy rows checked against the target's own output on every prompt.
+    # (d) under each strategy: four greedy rows checked against the target's own output on every prompt.
     strategies = report["strategies"]
     assert set(strategies) == {"T=0", "T=1"}
-    assert [row["strategy"] for row in strategies["T=0"]] == ["chain", "adaptive", "tree"]
+    assert [row["strategy"] for row in strategies["T=0"]] == ["chain", "adaptive", "tree", "tree"]
+    assert [row["tree_width"] for row in strategies["T=0"][2:]] == [1, 3]  # the default and an EAGLE-2-wide tree
     heldout = report["sizes"]["heldout"]
     for row in strategies["T=0"]:
         assert row["requests"] == row["identical"] == heldout
         assert row["tokens_per_target_forward"] >= 1.0 and row["tokens_per_second"] > 0
     assert all(row["identical"] is None and row["requests"] == heldout for row in strategies["T=1"])
     assert "| tree (default) | 0 |" in (out / "report.md").read_text()
-    assert report["lossless"]["checked"] == 4 * heldout + 3 * heldout
+    assert report["lossless"]["checked"] == 4 * heldout + 4 * heldout
     assert report["lossless"]["mismatches"] == 0
     assert (out / "report.md").read_text().startswith("# MASSV demo report")
     assert (out / "report.png").stat().st_size > 10_000
