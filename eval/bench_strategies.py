@@ -44,11 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=96, help="(the demo's: 96)")
     parser.add_argument("--gammas", type=int, nargs="+", default=list(range(1, 9)))
     parser.add_argument("--tree-sizes", type=int, nargs="+", default=[6, 10, 16])
-    parser.add_argument("--tree-depth", type=int, default=10)
+    parser.add_argument("--tree-depth", type=int, default=16)
     parser.add_argument("--tree-top-k", type=int, default=3)
     parser.add_argument("--tree-min-probability", type=float, default=0.4)
     parser.add_argument("--tree-widths", type=int, nargs="+", default=[1, 0],
                         help="nodes expanded per depth, one tree sweep each (0: --tree-top-k, EAGLE-2)")
+    parser.add_argument("--tree-min-node-probability", type=float, default=0.1)
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per row (median reported)")
     parser.add_argument("--compiled", action="store_true",
                         help="also every row with the compiled drafter (compile_drafter=True), compared among themselves")
@@ -200,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     references = target_references(models.target, cases, args.max_new_tokens)
     runs = default_runs(tuple(args.gammas), tuple(args.tree_sizes), args.tree_depth, args.tree_top_k,
                         args.tree_min_probability, compiled=args.compiled,
-                        tree_widths=tuple(width or None for width in args.tree_widths))
+                        tree_widths=tuple(width or None for width in args.tree_widths),
+                        tree_min_node_probability=args.tree_min_node_probability)
     rows, target_speed = {}, {}
     for temperature in args.temperatures:
         name = f"T={temperature:g}"

@@ -69,11 +69,12 @@ class EvalSettings:
     seed: int = 0
     check_lossless: bool = True  # greedy only: compare every output with target.generate
     strategy: str = "chain"  # "chain", "adaptive" or "tree" (massv.speculative.strategy)
-    tree_size: int = 10  # tree only: nodes the target verifies per block
-    tree_depth: int = 10  # tree only: at most this many drafter forwards per block
+    tree_size: int = 16  # tree only: nodes the target verifies per block
+    tree_depth: int = 16  # tree only: at most this many drafter forwards per block
     tree_top_k: int = 3  # tree only: children per expanded node
     tree_min_probability: float = 0.4  # tree only: stop growing once every frontier path is less likely
     tree_width: int = 1  # tree only: nodes expanded per depth (0: tree_top_k, EAGLE-2)
+    tree_min_node_probability: float = 0.1  # tree only: leave out nodes whose path is less likely (0: EAGLE-2)
 
     def strategy_kwargs(self) -> dict[str, Any]:
         """The `generate_from_inputs` arguments that choose the drafting strategy."""
@@ -82,7 +83,8 @@ class EvalSettings:
         kwargs: dict[str, Any] = {"strategy": self.strategy}
         if self.strategy == "tree":
             kwargs["tree"] = TreeShape(size=self.tree_size, depth=self.tree_depth, top_k=self.tree_top_k,
-                                       min_probability=self.tree_min_probability, width=self.tree_width or None)
+                                       min_probability=self.tree_min_probability, width=self.tree_width or None,
+                                       min_node_probability=self.tree_min_node_probability)
         return kwargs
 
 
@@ -461,14 +463,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strategy", choices=["chain", "adaptive", "tree"], default="chain",
                         help="drafting: a chain of γ, an adaptive chain (starts at γ; +2 / -1 and a drafter-confidence "
                         "stop), or an EAGLE-2 draft tree (default: chain)")
-    parser.add_argument("--tree-size", type=int, default=10, help="tree: nodes verified per block (default: 10)")
-    parser.add_argument("--tree-depth", type=int, default=10, help="tree: most drafter forwards per block (default: 10)")
+    parser.add_argument("--tree-size", type=int, default=16, help="tree: most nodes verified per block (default: 16)")
+    parser.add_argument("--tree-depth", type=int, default=16, help="tree: most drafter forwards per block (default: 16)")
     parser.add_argument("--tree-top-k", type=int, default=3, help="tree: children per expanded node (default: 3)")
     parser.add_argument("--tree-min-probability", type=float, default=0.4,
                         help="tree: stop growing once no frontier path is this probable (0: fixed depth; default 0.4)")
     parser.add_argument("--tree-width", type=int, default=1,
                         help="tree: nodes expanded per depth; 1: the first-choice path with runner-up leaves, 0: "
                              "--tree-top-k as in EAGLE-2 (default: 1)")
+    parser.add_argument("--tree-min-node-probability", type=float, default=0.1,
+                        help="tree: verify only nodes whose path is at least this probable (0: EAGLE-2; default 0.1)")
     parser.add_argument("--temperature", type=float, default=None, help="0: greedy (default: 0)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=None,
@@ -521,13 +525,14 @@ def _resolve_arguments(args: argparse.Namespace) -> EvalSettings:
         max_new_tokens=128 if args.max_new_tokens is None else args.max_new_tokens, seed=args.seed,
         strategy=args.strategy, tree_size=args.tree_size, tree_depth=args.tree_depth, tree_top_k=args.tree_top_k,
         tree_min_probability=args.tree_min_probability, tree_width=args.tree_width,
+        tree_min_node_probability=args.tree_min_node_probability,
     )
     if settings.num_draft_tokens < 1 or settings.max_new_tokens < 1 or settings.temperature < 0:
         raise InputError("--num-draft-tokens and --max-new-tokens must be >= 1, --temperature >= 0")
-    if min(settings.tree_size, settings.tree_depth, settings.tree_top_k) < 1 or not 0 <= settings.tree_min_probability < 1 \
-            or settings.tree_width < 0:
+    if min(settings.tree_size, settings.tree_depth, settings.tree_top_k) < 1 or settings.tree_width < 0 \
+            or not 0 <= settings.tree_min_probability < 1 or not 0 <= settings.tree_min_node_probability < 1:
         raise InputError("--tree-size, --tree-depth and --tree-top-k must be >= 1, --tree-width >= 0, "
-                         "--tree-min-probability in [0, 1)")
+                         "--tree-min-probability and --tree-min-node-probability in [0, 1)")
     return settings
 
 

@@ -49,7 +49,7 @@ class StrategyRun:
         data: dict[str, Any] = {"name": self.name, "strategy": self.strategy, "compiled": self.compiled}
         if self.strategy == "tree":
             data.update(tree_size=self.tree.size, tree_depth=self.tree.depth, tree_top_k=self.tree.top_k,
-                        tree_width=self.tree.expanded_per_depth,
+                        tree_width=self.tree.expanded_per_depth, tree_min_node_probability=self.tree.min_node_probability,
                         tree_min_probability=self.tree.min_probability)
         else:
             data["num_draft_tokens"] = self.num_draft_tokens
@@ -60,9 +60,10 @@ class StrategyRun:
 
 
 def default_runs(gammas: tuple[int, ...] = tuple(range(1, 9)), tree_sizes: tuple[int, ...] = (6, 10, 16),
-                 tree_depth: int = 10, tree_top_k: int = 3, tree_min_probability: float = 0.4,
+                 tree_depth: int = 16, tree_top_k: int = 3, tree_min_probability: float = 0.4,
                  adaptive_start: int = 5, compiled: bool = False,
-                 tree_widths: tuple[int | None, ...] = (1,)) -> list[StrategyRun]:
+                 tree_widths: tuple[int | None, ...] = (1,), tree_min_node_probability: float = 0.1
+                 ) -> list[StrategyRun]:
     """The γ sweep, the adaptive chain (starting at γ = `adaptive_start`) and the tree-size sweep, once per
     tree width (None: `tree_top_k`, EAGLE-2; names say the width unless it is 1); with `compiled`, the same
     rows again with the compiled drafter (names ending in "compiled")."""
@@ -74,7 +75,8 @@ def default_runs(gammas: tuple[int, ...] = tuple(range(1, 9)), tree_sizes: tuple
             label = "" if width == 1 else f" width={width or tree_top_k}"
             runs += [StrategyRun(f"tree n={size}{label}{suffix}", "tree", compiled=compile_drafter,
                                  tree=TreeShape(size=size, depth=tree_depth, top_k=tree_top_k,
-                                                min_probability=tree_min_probability, width=width))
+                                                min_probability=tree_min_probability, width=width,
+                                                min_node_probability=tree_min_node_probability))
                      for size in tree_sizes]
         return runs
 

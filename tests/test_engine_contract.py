@@ -387,7 +387,7 @@ def test_an_unregistered_drafter_type_is_refused_clearly(pair) -> None:
 
 # ---- 12. the loop's bookkeeping, against hand counts (eval/results/mutation_engine.md) --------------------
 # Tests written from the survivors of the engine loop's mutation run: each pins behaviour no test above saw.
-SMALL_TREE = TreeShape(size=6, depth=3, top_k=2, min_probability=0.0, width=None)
+SMALL_TREE = TreeShape(size=6, depth=3, top_k=2, min_probability=0.0, min_node_probability=0.0, width=None)
 
 
 def _forward_counter(module: torch.nn.Module):

@@ -178,7 +178,7 @@ def test_trees_on_the_static_cache_draft_and_accept_exactly_as_the_eager_trees(f
                                   compile_max_length=128)
     eager = SpeculativeGenerator(pair.target, drafter, pair.processor)
     widths = _count_node_steps(monkeypatch)
-    shape = TreeShape(size=8, depth=4, top_k=2, min_probability=0.0, width=None)
+    shape = TreeShape(size=8, depth=4, top_k=2, min_probability=0.0, min_node_probability=0.0, width=None)
     partial = 0
     for seed in range(2):
         inputs = prompt_inputs(pair, "What colour is the square?", random_image(seed))

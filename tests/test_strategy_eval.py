@@ -25,7 +25,7 @@ def test_compiled_rows_draft_and_accept_what_the_eager_rows_do() -> None:
     pair = build_tiny_pair("qwen2_5_vl")
     drafter = noisy_multimodal_copy(pair.target, len(pair.tokenizer), noise=0.5)
     cases = [prompt_inputs(pair, "What colour is the square?", random_image(seed)) for seed in range(2)]
-    tree = TreeShape(size=6, depth=4, top_k=2, min_probability=0.0)
+    tree = TreeShape(size=6, depth=4, top_k=2, min_probability=0.0, min_node_probability=0.0)
     runs = [StrategyRun("chain γ=3", "chain", 3), StrategyRun("tree", "tree", tree=tree),
             StrategyRun("chain γ=3, compiled", "chain", 3, compiled=True),
             StrategyRun("tree, compiled", "tree", tree=tree, compiled=True)]

@@ -8,7 +8,9 @@ side branches and rejected part-way: the cases where a wrong mask, position or g
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -38,8 +40,8 @@ NOISE = 0.5
 SHARPEN = 60.0  # output-embedding scale that makes a tiny random drafter's confidence vary across (0, 1)
 # EAGLE-2 (every depth expands top_k nodes) small and fixed-depth; the default (width 1: the first-choice
 # path with runner-up leaves); EAGLE-2 at this project's earlier default shape
-TREES = (TreeShape(size=6, depth=3, top_k=2, min_probability=0.0, width=None), TreeShape(),
-         TreeShape(size=16, depth=10, top_k=3, min_probability=0.25, width=None))
+TREES = (TreeShape(size=6, depth=3, top_k=2, min_probability=0.0, min_node_probability=0.0, width=None), TreeShape(),
+         TreeShape(size=16, depth=10, top_k=3, min_probability=0.25, width=None, min_node_probability=0.0))
 
 
 @dataclass
@@ -115,7 +117,7 @@ def test_width_one_feeds_only_the_first_choice_path_with_one_token_steps(setup: 
     """`width=1`: no depth goes through the masked node forward, the fed nodes are the tree's first nodes (its
     first-choice path), each later node is a leaf child of one of them, and the output is still the target's."""
     generator = SpeculativeGenerator(setup.pair.target, setup.drafters["noisy-multimodal"], setup.pair.processor)
-    shape = TreeShape(size=10, depth=6, top_k=3, width=1, min_probability=0.0)
+    shape = TreeShape(size=10, depth=6, top_k=3, width=1, min_probability=0.0, min_node_probability=0.0)
     masked_calls, trees = [], []
     original_nodes = CausalLMProposer.forward_nodes
     original_propose = TreeProposer.propose
@@ -150,7 +152,8 @@ def test_every_tree_lists_its_first_choice_path_first(setup: Setup) -> None:
     request = DraftRequest(target=target, adapter=adapter, prompt_ids=inputs["input_ids"], image_inputs={},
                            vision_features={}, settings=SamplingConfig(), eos_token_ids=frozenset(), replacement_id=0)
     proposer = TreeProposer(proposer_class_for(drafter)(drafter, request), TreeShape(size=12, depth=5, top_k=3,
-                                                                                   min_probability=0.0))
+                                                                                   min_probability=0.0, width=None,
+                                                                                   min_node_probability=0.0))
     sequence = CommittedTokens(inputs["input_ids"], capacity=64)
     sequence.append([11])
     with torch.no_grad():
@@ -206,12 +209,27 @@ def test_node_pool_expands_the_best_finite_non_eos_nodes() -> None:
     assert tied.expandable(0, 2, frozenset(), float("-inf")) == [1, 2]  # ties keep the drafter's order
 
 
+def test_min_node_probability_leaves_out_unlikely_nodes() -> None:
+    """Only nodes whose path probability reaches the floor are verified (the size cap aside), best first."""
+    pool = NodePool()
+    pool.add_children([-1], 1, [[5, 7, 9]], [[math.log(0.6), math.log(0.3), math.log(0.05)]])
+    pool.add_children([0, 1], 2, [[2, 3], [4, 6]], [[math.log(0.5), math.log(0.3)], [math.log(0.9), math.log(0.1)]])
+    for floor, expected in ((0.0, 7), (0.1, 5), (0.25, 4)):
+        shape = TreeShape(size=16, min_node_probability=floor)
+        tree, kept = TreeProposer._best_tree(SimpleNamespace(shape=shape), pool)
+        assert tree.num_nodes == len(kept) == expected, floor
+        assert all(math.exp(pool.scores[index]) >= floor - 1e-9 for index in kept)
+        assert kept[:2] == [0, 3]  # the first-choice path (0.6, then 0.6 x 0.5) leads
+    tree, kept = TreeProposer._best_tree(SimpleNamespace(shape=TreeShape(size=3, min_node_probability=0.0)), pool)
+    assert sorted(kept) == [0, 1, 3]  # the size cap keeps the three most probable: 0.6, 0.3, 0.3 (parent first)
+
+
 def test_min_probability_stops_growth_early_and_stays_lossless(setup: Setup) -> None:
     """A high path-probability floor spends fewer drafter forwards per block; the output is the same."""
     generator = SpeculativeGenerator(setup.pair.target, setup.drafters["noisy-multimodal"], setup.pair.processor)
     forwards = {}
     for floor in (0.0, 0.9):
-        shape = TreeShape(size=16, depth=6, top_k=3, min_probability=floor)
+        shape = TreeShape(size=16, depth=6, top_k=3, min_probability=floor, min_node_probability=0.0)
         output = generator.generate_from_inputs(setup.cases[0], max_new_tokens=29, strategy="tree", tree=shape)
         assert output.generated_ids[0].tolist() == setup.reference(0, 29)
         forwards[floor] = (output.stats.drafter_forwards - 1) / output.stats.verification_steps
@@ -373,7 +391,7 @@ def test_drafter_cache_after_gather_matches_recompute(setup: Setup, drafter_kind
                            image_inputs=_image_inputs(setup, inputs), vision_features=features,
                            settings=SamplingConfig(), eos_token_ids=frozenset(), replacement_id=0)
     proposer_class = proposer_class_for(drafter)
-    shape = TreeShape(size=8, depth=4, top_k=3, min_probability=0.0, width=width)
+    shape = TreeShape(size=8, depth=4, top_k=3, min_probability=0.0, min_node_probability=0.0, width=width)
 
     def started(sequence: CommittedTokens) -> TreeProposer:
         proposer = TreeProposer(proposer_class(drafter, request), shape)

@@ -140,9 +140,9 @@ def test_tree_rule_reproduces_target_distribution_on_markov_chain() -> None:
 
 
 # ---- 2. the engine end to end ------------------------------------------------------------------------------
-TREE = TreeShape(size=4, depth=2, top_k=2, min_probability=0.0, width=None)  # EAGLE-2: both children expanded
+TREE = TreeShape(size=4, depth=2, top_k=2, min_probability=0.0, min_node_probability=0.0, width=None)  # EAGLE-2: both children expanded
 # The drafter's first-choice path with runner-up leaves: fed by one-token steps, committed by a crop.
-PATH_TREE = TreeShape(size=4, depth=2, top_k=2, min_probability=0.0, width=1)
+PATH_TREE = TreeShape(size=4, depth=2, top_k=2, min_probability=0.0, min_node_probability=0.0, width=1)
 MAX_NEW_TOKENS = 4  # the prefill token, then a depth-2 tree block and its bonus token (or more blocks)
 
 

@@ -336,7 +336,8 @@ def strategy_rows(target: Any, massv_by_temperature: dict[float, Any], processor
     cases = [sample_inputs(processor, adapter, sample) for sample in samples]
     runs = [StrategyRun("chain γ=5", "chain", 5), StrategyRun("adaptive", "adaptive", 5, adaptive=AdaptiveLength()),
             StrategyRun("tree (default)", "tree", tree=TreeShape()),
-            StrategyRun("tree (EAGLE-2 width, n=16)", "tree", tree=TreeShape(size=16, min_probability=0.25, width=None))]
+            StrategyRun("tree (EAGLE-2 width, n=16)", "tree", tree=TreeShape(size=16, depth=10, min_probability=0.25,
+                                                                           width=None, min_node_probability=0.0))]
     references = target_references(target, cases, max_new_tokens)
     rows = {}
     for temperature, drafter in massv_by_temperature.items():

@@ -28,12 +28,18 @@ class TreeShape:
     verifies in the same forward. Where a drafter forward is not much cheaper than a target one per token
     (CPUs, small targets), that is most of a tree's gain for a chain's drafting cost.
 
-    The target scores every node, so `size` is the verification width. The defaults (10 nodes, depth 10,
-    top-3, width 1, stop below path probability 0.4) were chosen on a validation world (held-out seed 2, not
-    the reported seed 1) on a 2-core CPU, where a drafter forward costs about an eighth of a target forward
-    and every verified node adds to the target's time (`eval/results/strategies_adaptive.md`). On a GPU,
-    where verifying 60 nodes costs what verifying 6 does, EAGLE-2's shape is the one to start from:
-    `TreeShape(size=60, depth=6, top_k=10, width=10, min_probability=0.0)`.
+    The target scores every node, so `size` is the verification width. The defaults (at most 16 nodes and
+    depth 16, top-3, width 1, growth stops below path probability 0.4, nodes below 0.1 left out) were chosen
+    on a validation world (held-out seed 2, not the reported seed 1) on a 2-core CPU, where a drafter forward
+    costs about an eighth of a target forward and every verified node adds to the target's time
+    (`eval/results/strategies_adaptive.md`). On a GPU, where verifying 60 nodes costs what verifying 6 does,
+    EAGLE-2's shape is the one to start from:
+    `TreeShape(size=60, depth=6, top_k=10, width=10, min_probability=0.0, min_node_probability=0.0)`.
+
+    `min_node_probability`: a node is verified only if the drafter's probability of its path is at least
+    this. EAGLE-2 keeps the `size` most probable nodes whatever their value (0), which is right where a wider
+    verification is free; where each verified node costs target compute, a node that unlikely yields less
+    (about its probability, in tokens) than it costs.
 
     `min_probability`: stop growing before `depth` once no frontier node's path has at least this drafter
     probability. A deeper layer's nodes are accepted about as often as their path probabilities say (the
@@ -41,11 +47,12 @@ class TreeShape:
     brings. 0 gives EAGLE-2's fixed depth.
     """
 
-    size: int = 10
-    depth: int = 10
+    size: int = 16
+    depth: int = 16
     top_k: int = 3
     min_probability: float = 0.4
     width: int | None = 1
+    min_node_probability: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("size", "depth", "top_k", "width"):
@@ -59,8 +66,10 @@ class TreeShape:
     def expanded_per_depth(self) -> int:
         """Nodes fed to the drafter per depth (`width`, else EAGLE-2's `top_k`)."""
         return self.width if self.width is not None else self.top_k
-        if not 0.0 <= self.min_probability < 1.0:
-            raise ValueError(f"tree min_probability must lie in [0, 1), got {self.min_probability!r}")
+        for name in ("min_probability", "min_node_probability"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"tree {name} must lie in [0, 1), got {value!r}")
 
 
 @dataclass(frozen=True)

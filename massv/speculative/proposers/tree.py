@@ -246,7 +246,8 @@ class TreeProposer(Proposer):
         Siblings enter the pool in the drafter's order of preference, so a node's first kept child (lowest pool
         index) is its most probable one, and every order below keeps siblings in that order."""
         scores, parents, depths = pool.scores, pool.parents, pool.depths
-        finite = [index for index in range(len(pool)) if math.isfinite(scores[index])]
+        floor = math.log(self.shape.min_node_probability) if self.shape.min_node_probability > 0 else -math.inf
+        finite = [index for index in range(len(pool)) if math.isfinite(scores[index]) and scores[index] >= floor]
         ranked = sorted(finite, key=lambda index: -scores[index])[: self.shape.size]  # stable: ties keep order
         # parent + log q <= parent in floating point too, and ties keep the earlier (parent) first: the
         # ranked set holds every ranked node's parent. The filter only guards that invariant.
