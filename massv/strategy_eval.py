@@ -49,7 +49,8 @@ class StrategyRun:
         data: dict[str, Any] = {"name": self.name, "strategy": self.strategy, "compiled": self.compiled}
         if self.strategy == "tree":
             data.update(tree_size=self.tree.size, tree_depth=self.tree.depth, tree_top_k=self.tree.top_k,
-                        tree_width=self.tree.expanded_per_depth, tree_min_node_probability=self.tree.min_node_probability,
+                        tree_width=self.tree.expanded_per_depth,
+                        tree_min_node_probability=self.tree.min_node_probability,
                         tree_min_probability=self.tree.min_probability)
         else:
             data["num_draft_tokens"] = self.num_draft_tokens

@@ -3,9 +3,10 @@
 Node 0 is the root, the last committed token (fed again in front of the drafts, as in a chain); nodes 1..n
 are drafts in an order where a parent always precedes its children and siblings follow the drafter's
 preference (the first child is the drafter's top guess). The tree proposer lists the first-choice path
-first, so that accepting it keeps a prefix of the nodes: a crop of the KV caches, not a gather. A node at depth d sits at sequence
-position `root_position + d`, and attends to the committed prefix and to its own ancestors only: that is
-what makes one forward over all n + 1 nodes score every root-to-node path at once (SpecInfer, EAGLE).
+first, so that accepting it keeps a prefix of the nodes: a crop of the KV caches, not a gather. A node at
+depth d sits at sequence position `root_position + d`, and attends to the committed prefix and to its own
+ancestors only: that is what makes one forward over all n + 1 nodes score every root-to-node path at once
+(SpecInfer, EAGLE).
 
 Masks are additive float masks (0 keeps, the dtype's minimum drops), which eager and SDPA attention both
 take as given; they are passed per layer type (`{"full_attention": ..., "sliding_attention": ...}`), the

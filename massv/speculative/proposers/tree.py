@@ -165,7 +165,8 @@ class TreeProposer(Proposer):
         base.cached = self.root_slots + len(fed_path)
 
     # ---- growing -----------------------------------------------------------------------------------------
-    def _top_children(self, logits: torch.Tensor, seen: torch.Tensor | None) -> tuple[list[list[int]], list[list[float]]]:
+    def _top_children(self, logits: torch.Tensor, seen: torch.Tensor | None
+                      ) -> tuple[list[list[int]], list[list[float]]]:
         """Each row's `top_k` ids and their log-probabilities under the drafter's processed scores (the same
         processors the target's get), read back in one transfer: `(rows, top_k)` host lists."""
         log_probs = torch.log_softmax(self.base.processor(logits, seen), dim=-1)
