@@ -78,7 +78,8 @@ def replay(answers: list[Answer], rule: StopRule, costs: argparse.Namespace, run
             while accepted < drafts and answer["top"][position + accepted][0] == answer["target"][position + accepted]:
                 accepted += 1
             emitted = accepted + 1
-            if accepted < drafts and answer["target"][position + accepted] in answer["top"][position + accepted][1 : 1 + runner_ups]:
+            missed = position + accepted
+            if accepted < drafts and answer["target"][missed] in answer["top"][missed][1 : 1 + runner_ups]:
                 emitted += 1  # a runner-up leaf was the target's token: it is accepted, then the bonus token
             verified = 1 + drafts * (1 + runner_ups)
             milliseconds += drafts * costs.drafter_ms + costs.verify_ms + verified * costs.token_ms + costs.block_ms

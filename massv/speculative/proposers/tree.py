@@ -50,7 +50,8 @@ class TreeProposer(Proposer):
         self.base = base
         self.shape = shape
         # The static (compiled) path when the generator has one and a whole tree fits behind the request's
-        # tokens: every masked depth feeds `width` nodes (the frontier padded), so one compiled graph serves them all.
+        # tokens: every masked depth feeds `width` nodes (the frontier padded), so one compiled graph serves
+        # them all.
         static = base.static
         tree_slots = shape.depth * shape.expanded_per_depth
         if static is not None and static.fits(base.prompt.shape[1] + base.request.new_positions + tree_slots):
@@ -70,8 +71,6 @@ class TreeProposer(Proposer):
         self.last_tree: DraftTree | None = None
         self.root_slots = 0  # drafter cache length before the tree's nodes
         self.node_slots: dict[int, int] = {}  # tree node -> drafter cache slot (the nodes that were fed)
-        self._parent: list[int] = []  # this block's pool of candidate nodes: parent index (-1: the root)
-        self._depth: list[int] = []  # and depth
 
     # ---- the seam --------------------------------------------------------------------------------------
     def prefill(self, sequence: CommittedTokens) -> int:
@@ -91,7 +90,6 @@ class TreeProposer(Proposer):
         root_position -= 1
 
         pool = NodePool()
-        self._parent, self._depth = pool.parents, pool.depths  # read by `_masks`
         fed: list[int] = []  # pool indices in drafter cache order
         # Which tree slots each fed slot sees (its ancestors and itself), one row per slot; the extra last row
         # stays empty: the root's children and the static path's fillers take it as their parent's.
@@ -122,7 +120,7 @@ class TreeProposer(Proposer):
                                                                      device=device).tril()
                     fed_is_path = False
                 padding = width - len(expand) if self.static is not None else 0
-                masks = self._masks(expand, fed, fed_visible, fed_row_of, positions, padding)
+                masks = self._masks(pool, expand, fed, fed_visible, fed_row_of, positions, padding)
                 if self.static is None:
                     logits = base.forward_nodes(node_ids, torch.full((len(expand),), positions, device=device),
                                                 masks, readable=self.nodes_readable)
@@ -187,10 +185,10 @@ class TreeProposer(Proposer):
         base.cached += ids.shape[1]
         return logits[: node_ids.shape[1]]
 
-    def _masks(self, expand: list[int], fed: list[int], fed_visible: torch.Tensor, fed_row_of: dict[int, int],
-               position: int, padding: int = 0) -> dict[str, torch.Tensor]:
-        """Masks for feeding `expand` (one depth, at `position`) after the prefix and the fed slots `fed`,
-        then `padding` filler rows (the static path's fixed width).
+    def _masks(self, pool: NodePool, expand: list[int], fed: list[int], fed_visible: torch.Tensor,
+               fed_row_of: dict[int, int], position: int, padding: int = 0) -> dict[str, torch.Tensor]:
+        """Masks for feeding `expand` (pool indices, one depth, at `position`) after the prefix and the fed slots
+        `fed`, then `padding` filler rows (the static path's fixed width).
 
         `fed_visible[i]` holds which tree slots fed slot i sees; the new rows are written into it (a node sees
         what its parent sees, and itself). `fed_row_of` gives a fed node's slot (the caller adds `expand`'s).
@@ -200,7 +198,7 @@ class TreeProposer(Proposer):
         num_rows = len(expand) + padding
         width = num_fed + num_rows
         empty = fed_visible.shape[0] - 1
-        parent_rows = [fed_row_of.get(self._parent[index], empty) for index in expand] + [empty] * padding
+        parent_rows = [fed_row_of.get(pool.parents[index], empty) for index in expand] + [empty] * padding
         rows = fed_visible[torch.tensor(parent_rows, dtype=torch.long, device=fed_visible.device)]
         own = torch.arange(num_fed, width, device=fed_visible.device)
         rows[torch.arange(num_rows, device=fed_visible.device), own] = True  # each row sees itself
@@ -218,9 +216,9 @@ class TreeProposer(Proposer):
             return {kind: mask for kind in self.layout.layer_types}
         # Logical positions of every slot: prefix slots are their positions; a node at depth d sits at
         # root + d (a filler at its row's depth). Earlier depths come first in `fed`.
-        root_position = position - self._depth[expand[0]]
-        depth_of_slot = ([self._depth[index] if index != PADDING else 0 for index in fed]
-                         + [self._depth[expand[0]]] * num_rows)
+        root_position = position - pool.depths[expand[0]]
+        depth_of_slot = ([pool.depths[index] if index != PADDING else 0 for index in fed]
+                         + [pool.depths[expand[0]]] * num_rows)
         key_positions = [torch.arange(num_prefix), root_position + torch.tensor(depth_of_slot, dtype=torch.long)]
         parts = [torch.ones(num_rows, num_prefix, dtype=torch.bool, device=base.device), rows[:, :width]]
         if unused:  # the static cache hands attention every slot: the unwritten ones stay hidden
